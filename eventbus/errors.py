@@ -1,0 +1,92 @@
+"""The exceptions eventbus raises, as one small tree.
+
+Catch ``EventbusError`` for everything, or the family you mean: ``EventError`` for bad events
+(definition, validation, decoding), ``StoreError`` for the event store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+class EventbusError(Exception):
+    """Base class of every error raised by eventbus."""
+
+
+class EventError(EventbusError, ValueError):
+    """An event could not be defined, constructed or decoded."""
+
+
+class EventDefinitionError(EventError, TypeError):
+    """An ``Event`` subclass is declared wrongly (taken type name, reserved field name, ...)."""
+
+
+class EventValidationError(EventError):
+    """An event's payload or envelope failed validation.
+
+    ``errors`` maps each bad field to its messages; the message names the event and every field.
+    """
+
+    def __init__(self, event_name: str, errors: Mapping[str, Any]) -> None:
+        self.event_name = event_name
+        self.errors = dict(errors)
+        details = "; ".join(f"{field}: {_flatten(msgs)}" for field, msgs in sorted(self.errors.items()))
+        super().__init__(f"invalid {event_name}: {details}")
+
+
+class UnknownEventType(EventError):
+    """A type name that no ``Event`` subclass is registered under."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+        super().__init__(f"unknown event type {type_name!r}: no Event subclass is registered under it")
+
+
+class UnsupportedVersion(EventError):
+    """A stored or received ``schema_version`` that cannot be brought to the current one."""
+
+    def __init__(self, event_name: str, version: object, reason: str) -> None:
+        self.event_name = event_name
+        self.version = version
+        super().__init__(f"{event_name}: unsupported schema_version {version!r}: {reason}")
+
+
+class StoreError(EventbusError):
+    """The event store refused or failed an operation."""
+
+
+class ConcurrencyError(StoreError):
+    """An append's ``expected_version`` no longer matches the stream; nothing was written."""
+
+    def __init__(self, stream_id: str, expected_version: int | None, actual_version: int) -> None:
+        self.stream_id = stream_id
+        self.expected_version = expected_version
+        self.actual_version = actual_version
+        super().__init__(
+            f"stream {stream_id!r} is at version {actual_version}, "
+            f"expected version {expected_version}; nothing was appended"
+        )
+
+
+class DuplicateEventError(StoreError):
+    """An append mixed event ids that are already stored with new ones; nothing was written."""
+
+    def __init__(self, stream_id: str, event_ids: Sequence[object]) -> None:
+        self.stream_id = stream_id
+        self.event_ids = list(event_ids)
+        ids = ", ".join(str(i) for i in self.event_ids)
+        super().__init__(
+            f"append to stream {stream_id!r} repeats already stored event ids ({ids}) "
+            "alongside new ones; retry the whole original batch or drop the stored events"
+        )
+
+
+def _flatten(messages: Any) -> str:
+    if isinstance(messages, str):
+        return messages
+    if isinstance(messages, Mapping):
+        return ", ".join(f"{k}: {_flatten(v)}" for k, v in messages.items())
+    if isinstance(messages, Sequence):
+        return " ".join(_flatten(m) for m in messages)
+    return str(messages)

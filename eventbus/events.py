@@ -1,0 +1,467 @@
+"""Events: schema-defined, immutable, versioned facts, and their JSON codec.
+
+An event type is a subclass of ``Event`` whose fields are declared with marshmallow, either as
+type annotations (a plain ``str``/``int``/``datetime``/... infers the field) or explicitly as
+``Annotated[T, fields.X(...)]``::
+
+    class NewImage(Event, type="image.new", version=2):
+        user_id: str
+        path: Annotated[str, fields.Str(validate=validate.Length(min=1))]
+        width: int = 0                      # a default makes a field optional
+
+Guarantees:
+- constructing an event validates it; an invalid one raises ``EventValidationError`` naming the
+  event and every bad field, so no invalid event exists in memory, in the store or on the wire;
+- instances are immutable; every one carries the envelope (``event_id``, ``occurred_at`` in UTC,
+  ``correlation_id``, ``causation_id``, and once stored ``stream_id``, ``stream_version``,
+  ``position``);
+- the type name is stable (not the Python path) and unique: a second class claiming a taken name
+  fails when it is defined;
+- a payload of an older ``schema_version`` is upcast through registered functions before it is
+  validated, so code only ever sees the current shape. Encoding is JSON, never pickle.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import decimal
+import inspect
+import json
+import re
+import types
+import typing
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, ClassVar, TypeVar
+
+import marshmallow
+from marshmallow import fields
+
+from eventbus.errors import (
+    EventDefinitionError,
+    EventValidationError,
+    UnknownEventType,
+    UnsupportedVersion,
+)
+
+__all__ = [
+    "Event",
+    "Upcaster",
+    "decode_event",
+    "dumps",
+    "encode_payload",
+    "event_class",
+    "loads",
+    "registered_types",
+]
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+"""Turns the JSON payload of version N into the payload of version N + 1."""
+
+E = TypeVar("E", bound="Event")
+U = TypeVar("U", bound=Upcaster)
+
+ENVELOPE_FIELDS = (
+    "event_id",
+    "occurred_at",
+    "correlation_id",
+    "causation_id",
+    "stream_id",
+    "stream_version",
+    "position",
+)
+_RESERVED = frozenset({*ENVELOPE_FIELDS, "type", "schema_version", "routing_key", "payload"})
+# Words of letters, digits, '_' and '-', joined by dots: valid as a type name and as an AMQP
+# routing key (no '*' or '#', which are binding wildcards).
+_NAME = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+_CAMEL_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z0-9]+")
+
+_registry: dict[str, type[Event]] = {}
+
+
+def _default_type_name(class_name: str) -> str:
+    """``UserLoggedIn`` -> ``user.logged_in``: the first word, then the rest in snake case."""
+    words = [w.lower() for w in _CAMEL_WORD.findall(class_name)] or [class_name.lower()]
+    return words[0] if len(words) == 1 else f"{words[0]}.{'_'.join(words[1:])}"
+
+
+def _infer_field(annotation: Any, owner: str, name: str) -> fields.Field[Any]:
+    """A marshmallow field for a plain annotation (``str``, ``list[int]``, ``X | None``, ...)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Annotated:
+        declared = args[1] if len(args) > 1 else None
+        if isinstance(declared, fields.Field):
+            return copy.deepcopy(declared)
+        return _infer_field(args[0], owner, name)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            inner = _infer_field(rest[0], owner, name)
+            inner.allow_none = True
+            if inner.load_default is marshmallow.missing:
+                inner.load_default = None
+            return inner
+    if origin is list and len(args) == 1:
+        return fields.List(_infer_field(args[0], owner, name))
+    if origin is dict and len(args) == 2:
+        return fields.Dict(
+            keys=_infer_field(args[0], owner, name), values=_infer_field(args[1], owner, name)
+        )
+    simple: dict[Any, Callable[[], fields.Field[Any]]] = {
+        str: fields.String,
+        int: lambda: fields.Integer(strict=True),
+        float: fields.Float,
+        bool: fields.Boolean,
+        dt.datetime: fields.AwareDateTime,
+        dt.date: fields.Date,
+        uuid.UUID: fields.UUID,
+        decimal.Decimal: lambda: fields.Decimal(as_string=True),
+        dict: fields.Dict,
+        list: lambda: fields.List(fields.Raw()),
+    }
+    if annotation in simple:
+        return simple[annotation]()
+    raise EventDefinitionError(
+        f"{owner}.{name}: cannot infer a marshmallow field for {annotation!r}; "
+        f"declare it as Annotated[T, fields.X(...)]"
+    )
+
+
+def _collect_fields(cls: type[Event]) -> dict[str, fields.Field[Any]]:
+    declared: dict[str, fields.Field[Any]] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if issubclass(base, Event) and base is not Event:
+            declared.update(copy.deepcopy(base._fields))
+    annotations = inspect.get_annotations(cls, eval_str=True)
+    for name, annotation in annotations.items():
+        if typing.get_origin(annotation) is ClassVar or annotation is ClassVar:
+            continue
+        field = _infer_field(annotation, cls.__name__, name)
+        if name in cls.__dict__ and not isinstance(cls.__dict__[name], fields.Field):
+            default = cls.__dict__[name]
+            field.load_default = (lambda d=default: copy.deepcopy(d)) if _mutable(default) else default
+        declared[name] = field
+    for name, value in list(cls.__dict__.items()):
+        if isinstance(value, fields.Field) and name not in annotations:
+            declared[name] = copy.deepcopy(value)  # classic marshmallow style: name = fields.X()
+            delattr(cls, name)
+    for name, field in declared.items():
+        if name in _RESERVED or name.startswith("_"):
+            raise EventDefinitionError(
+                f"{cls.__name__}: field name {name!r} is reserved for the envelope or internals"
+            )
+        # A field is required unless it has a default, like a dataclass field.
+        field.required = field.load_default is marshmallow.missing
+    return declared
+
+
+def _mutable(value: object) -> bool:
+    return isinstance(value, list | dict | set)
+
+
+class Event:
+    """Base class of every event type; subclass it and declare fields (see the module doc).
+
+    Class keywords: ``type`` (stable name, default derived from the class name:
+    ``UserLoggedIn`` -> ``user.logged_in``), ``version`` (the current ``schema_version``,
+    default 1), ``routing_key`` (default: the type name), ``abstract`` (a base for other event
+    classes, not registered and not constructible).
+    """
+
+    type: ClassVar[str] = ""
+    schema_version: ClassVar[int] = 0
+    routing_key: ClassVar[str] = ""
+    _fields: ClassVar[dict[str, fields.Field[Any]]] = {}
+    _schema: ClassVar[marshmallow.Schema]
+    _upcasters: ClassVar[dict[int, Upcaster]]
+    _abstract: ClassVar[bool] = True
+
+    event_id: uuid.UUID
+    occurred_at: dt.datetime
+    correlation_id: str
+    causation_id: str | None
+    stream_id: str | None
+    stream_version: int | None
+    position: int | None
+
+    def __init_subclass__(
+        cls,
+        *,
+        type: str | None = None,
+        version: int = 1,
+        routing_key: str | None = None,
+        abstract: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._fields = _collect_fields(cls)
+        cls._schema = marshmallow.Schema.from_dict(cls._fields, name=f"{cls.__name__}Schema")()
+        cls._upcasters = {}
+        cls._abstract = abstract
+        if abstract:
+            return
+        name = type if type is not None else _default_type_name(cls.__name__)
+        key = routing_key if routing_key is not None else name
+        for label, value in (("type", name), ("routing_key", key)):
+            if not _NAME.match(value) or len(value) > 255:
+                raise EventDefinitionError(
+                    f"{cls.__name__}: {label} {value!r} must be dot-separated words of letters, "
+                    "digits, '_' or '-' (at most 255 characters)"
+                )
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise EventDefinitionError(f"{cls.__name__}: version must be an int >= 1, not {version!r}")
+        taken = _registry.get(name)
+        if taken is not None and not _same_definition(taken, cls):
+            raise EventDefinitionError(
+                f"{cls.__name__}: event type {name!r} is already taken by "
+                f"{taken.__module__}.{taken.__qualname__}"
+            )
+        cls.type, cls.schema_version, cls.routing_key = name, version, key
+        _registry[name] = cls
+
+    def __init__(
+        self,
+        *,
+        event_id: uuid.UUID | str | None = None,
+        occurred_at: dt.datetime | None = None,
+        correlation_id: uuid.UUID | str | None = None,
+        causation_id: uuid.UUID | str | None = None,
+        **payload: Any,
+    ) -> None:
+        cls = self.__class__
+        if cls._abstract:
+            raise TypeError(f"{cls.__name__} is abstract; construct one of its event subclasses")
+        errors: dict[str, Any] = {}
+        values = _load(cls, payload, errors)
+        envelope = _envelope(event_id, occurred_at, correlation_id, causation_id, errors)
+        if errors:
+            raise EventValidationError(cls._label(), errors)
+        _fill(self, values, envelope)
+
+    # -- value semantics -------------------------------------------------------------------
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{self.__class__.__name__} is immutable; cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{self.__class__.__name__} is immutable; cannot delete {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        return other.__class__ is self.__class__ and other.__dict__ == self.__dict__
+
+    def __hash__(self) -> int:
+        return hash(self.event_id)
+
+    def __repr__(self) -> str:
+        shown = {**self.payload, "event_id": self.event_id}
+        if self.position is not None:
+            shown["position"] = self.position
+        args = ", ".join(f"{k}={v!r}" for k, v in shown.items())
+        return f"{self.__class__.__name__}({args})"
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        """The event's own fields (not the envelope) as Python values."""
+        return {name: self.__dict__[name] for name in self._fields}
+
+    @property
+    def envelope(self) -> dict[str, Any]:
+        """The metadata every event carries: ids, time, type, version and stored position."""
+        env = {name: self.__dict__[name] for name in ENVELOPE_FIELDS}
+        env.update(type=self.type, schema_version=self.schema_version)
+        return env
+
+    def stored(self: E, stream_id: str, stream_version: int, position: int | None) -> E:
+        """A copy of this event with its place in the store filled in."""
+        clone = object.__new__(self.__class__)
+        clone.__dict__.update(
+            self.__dict__, stream_id=stream_id, stream_version=stream_version, position=position
+        )
+        return clone
+
+    # -- versions --------------------------------------------------------------------------
+
+    @classmethod
+    def upcaster(cls, from_version: int) -> Callable[[U], U]:
+        """Register a function that turns a version ``from_version`` payload into the next one.
+
+        The function takes and returns the JSON payload (a dict). Chains run one step at a time
+        up to the current ``version``.
+        """
+
+        def register(fn: U) -> U:
+            if not 1 <= from_version < cls.schema_version:
+                raise EventDefinitionError(
+                    f"{cls._label()}: an upcaster from version {from_version} makes no sense "
+                    f"when the current version is {cls.schema_version}"
+                )
+            if from_version in cls._upcasters:
+                raise EventDefinitionError(
+                    f"{cls._label()}: an upcaster from version {from_version} is already registered"
+                )
+            cls._upcasters[from_version] = fn
+            return fn
+
+        return register
+
+    @classmethod
+    def _label(cls) -> str:
+        return f"{cls.__name__} ({cls.type})" if cls.type else cls.__name__
+
+
+def _same_definition(a: type[Event], b: type[Event]) -> bool:
+    # Re-executing the same module (importlib.reload, a script run twice) redefines the same class.
+    return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+
+def _load(cls: type[Event], data: Mapping[str, Any], errors: dict[str, Any]) -> dict[str, Any]:
+    try:
+        values: dict[str, Any] = cls._schema.load(data)
+    except marshmallow.ValidationError as exc:
+        messages = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
+        errors.update(messages)
+        return {}
+    for name, value in values.items():
+        if isinstance(value, dt.datetime) and value.tzinfo is None:
+            errors[name] = ["Naive datetime; give an aware datetime (UTC)."]
+    return values
+
+
+def _envelope(
+    event_id: uuid.UUID | str | None,
+    occurred_at: dt.datetime | None,
+    correlation_id: uuid.UUID | str | None,
+    causation_id: uuid.UUID | str | None,
+    errors: dict[str, Any],
+) -> dict[str, Any]:
+    env: dict[str, Any] = {"stream_id": None, "stream_version": None, "position": None}
+    if event_id is None:
+        env["event_id"] = uuid.uuid4()
+    elif isinstance(event_id, uuid.UUID):
+        env["event_id"] = event_id
+    else:
+        try:
+            env["event_id"] = uuid.UUID(str(event_id))
+        except ValueError:
+            errors["event_id"] = ["Not a valid UUID."]
+    if occurred_at is None:
+        env["occurred_at"] = dt.datetime.now(dt.UTC)
+    elif not isinstance(occurred_at, dt.datetime):
+        errors["occurred_at"] = ["Not a datetime."]
+    elif occurred_at.tzinfo is None or occurred_at.utcoffset() is None:
+        errors["occurred_at"] = ["Naive datetime; give an aware datetime (UTC)."]
+    else:
+        env["occurred_at"] = occurred_at.astimezone(dt.UTC)
+    for name, value in (("correlation_id", correlation_id), ("causation_id", causation_id)):
+        if value is None or isinstance(value, uuid.UUID):
+            env[name] = None if value is None else str(value)
+        elif isinstance(value, str) and 0 < len(value) <= 255:
+            env[name] = value
+        else:
+            errors[name] = ["Not a string of 1 to 255 characters or a UUID."]
+    if env["correlation_id"] is None and "event_id" in env:
+        env["correlation_id"] = str(env["event_id"])  # a root event starts its own correlation
+    return env
+
+
+def _fill(event: Event, values: Mapping[str, Any], envelope: Mapping[str, Any]) -> None:
+    d = event.__dict__
+    d.update(values)
+    for name in event._fields:
+        d.setdefault(name, None)
+    d.update(envelope)
+
+
+# -- registry -------------------------------------------------------------------------------
+
+
+def event_class(type_name: str) -> type[Event]:
+    """The ``Event`` subclass registered under ``type_name``; ``UnknownEventType`` if none."""
+    try:
+        return _registry[type_name]
+    except KeyError:
+        raise UnknownEventType(type_name) from None
+
+
+def registered_types() -> dict[str, type[Event]]:
+    """A copy of the registry: type name -> event class."""
+    return dict(_registry)
+
+
+# -- codec ----------------------------------------------------------------------------------
+
+
+def encode_payload(event: Event) -> dict[str, Any]:
+    """The event's payload as JSON-compatible values (what the store and the wire carry)."""
+    data: dict[str, Any] = event._schema.dump(event.payload)
+    return data
+
+
+def decode_event(
+    type_name: str,
+    schema_version: int,
+    payload: Mapping[str, Any],
+    *,
+    event_id: uuid.UUID | str,
+    occurred_at: dt.datetime,
+    correlation_id: str | None = None,
+    causation_id: str | None = None,
+    stream_id: str | None = None,
+    stream_version: int | None = None,
+    position: int | None = None,
+) -> Event:
+    """Rebuild an event from its stored or received form: upcast, then validate.
+
+    Raises ``UnknownEventType``, ``UnsupportedVersion`` or ``EventValidationError``.
+    """
+    cls = event_class(type_name)
+    if not isinstance(payload, Mapping):
+        raise EventValidationError(cls._label(), {"_schema": ["Payload is not a JSON object."]})
+    data = upcast(cls, schema_version, payload)
+    errors: dict[str, Any] = {}
+    values = _load(cls, data, errors)
+    envelope = _envelope(event_id, occurred_at, correlation_id, causation_id, errors)
+    if errors:
+        raise EventValidationError(cls._label(), errors)
+    envelope.update(stream_id=stream_id, stream_version=stream_version, position=position)
+    event = object.__new__(cls)
+    _fill(event, values, envelope)
+    return event
+
+
+def upcast(cls: type[Event], schema_version: object, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Bring a payload of ``schema_version`` to the current version of ``cls``."""
+    if not isinstance(schema_version, int) or isinstance(schema_version, bool):
+        raise UnsupportedVersion(cls._label(), schema_version, "it is not an integer")
+    if schema_version > cls.schema_version:
+        raise UnsupportedVersion(
+            cls._label(),
+            schema_version,
+            f"newer than this code's version {cls.schema_version}; deploy the newer event class",
+        )
+    if schema_version < 1:
+        raise UnsupportedVersion(cls._label(), schema_version, "versions start at 1")
+    data = dict(payload)
+    for version in range(schema_version, cls.schema_version):
+        step = cls._upcasters.get(version)
+        if step is None:
+            raise UnsupportedVersion(
+                cls._label(),
+                schema_version,
+                f"no upcaster registered from version {version} to {version + 1}",
+            )
+        data = step(data)
+    return data
+
+
+def dumps(payload: Mapping[str, Any]) -> bytes:
+    """Compact UTF-8 JSON."""
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def loads(data: bytes | str) -> Any:
+    """Parse JSON (bytes must be UTF-8)."""
+    return json.loads(data)
+

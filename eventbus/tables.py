@@ -1,0 +1,71 @@
+"""The store's tables, defined once with SQLAlchemy Core; alembic migrations are made from this.
+
+``events`` is both the event store and the outbox: a row exists once its transaction committed.
+``position`` is the gap-free global order. It is assigned after commit (see ``store.py``), so it
+is NULL for a short while on PostgreSQL; ``id`` only records insertion order.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(sa.TypeDecorator[dt.datetime]):
+    """An aware UTC datetime on every backend (SQLite keeps no time zone of its own)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: sa.Dialect) -> Any:
+        if value is None:
+            return None
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY (the rowid), not a BIGINT one.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+Payload = sa.JSON().with_variant(JSONB(), "postgresql")
+
+events = sa.Table(
+    "eventbus_events",
+    metadata,
+    sa.Column("id", BigId, primary_key=True, autoincrement=True),
+    sa.Column("position", sa.BigInteger, nullable=True),
+    sa.Column("event_id", sa.Uuid, nullable=False),
+    sa.Column("stream_id", sa.String(255), nullable=False),
+    sa.Column("stream_version", sa.Integer, nullable=False),
+    sa.Column("type", sa.String(255), nullable=False),
+    sa.Column("schema_version", sa.Integer, nullable=False),
+    sa.Column("occurred_at", UTCDateTime, nullable=False),
+    sa.Column("correlation_id", sa.String(255), nullable=True),
+    sa.Column("causation_id", sa.String(255), nullable=True),
+    sa.Column("payload", Payload, nullable=False),
+    sa.UniqueConstraint("event_id"),
+    sa.UniqueConstraint("stream_id", "stream_version"),
+    sa.UniqueConstraint("position"),
+    # The sequencer's work list: rows still waiting for a position.
+    sa.Index(
+        "ix_eventbus_events_unpositioned",
+        "id",
+        postgresql_where=sa.text("position IS NULL"),
+        sqlite_where=sa.text("position IS NULL"),
+    ),
+)
