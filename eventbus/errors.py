@@ -31,7 +31,9 @@ class EventValidationError(EventError):
     def __init__(self, event_name: str, errors: Mapping[str, Any]) -> None:
         self.event_name = event_name
         self.errors = dict(errors)
-        details = "; ".join(f"{field}: {_flatten(msgs)}" for field, msgs in sorted(self.errors.items()))
+        details = "; ".join(
+            f"{field}: {_flatten(msgs)}" for field, msgs in sorted(self.errors.items())
+        )
         super().__init__(f"invalid {event_name}: {details}")
 
 
@@ -40,7 +42,9 @@ class UnknownEventType(EventError):
 
     def __init__(self, type_name: str) -> None:
         self.type_name = type_name
-        super().__init__(f"unknown event type {type_name!r}: no Event subclass is registered under it")
+        super().__init__(
+            f"unknown event type {type_name!r}: no Event subclass is registered under it"
+        )
 
 
 class UnsupportedVersion(EventError):

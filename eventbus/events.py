@@ -136,12 +136,14 @@ def _collect_fields(cls: type[Event]) -> dict[str, fields.Field[Any]]:
             declared.update(copy.deepcopy(base._fields))
     annotations = inspect.get_annotations(cls, eval_str=True)
     for name, annotation in annotations.items():
-        if typing.get_origin(annotation) is ClassVar or annotation is ClassVar:
+        if typing.get_origin(annotation) is ClassVar or annotation is ClassVar:  # type: ignore[comparison-overlap]
             continue
         field = _infer_field(annotation, cls.__name__, name)
         if name in cls.__dict__ and not isinstance(cls.__dict__[name], fields.Field):
             default = cls.__dict__[name]
-            field.load_default = (lambda d=default: copy.deepcopy(d)) if _mutable(default) else default
+            field.load_default = (
+                (lambda d=default: copy.deepcopy(d)) if _mutable(default) else default
+            )
         declared[name] = field
     for name, value in list(cls.__dict__.items()):
         if isinstance(value, fields.Field) and name not in annotations:
@@ -211,7 +213,9 @@ class Event:
                     "digits, '_' or '-' (at most 255 characters)"
                 )
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise EventDefinitionError(f"{cls.__name__}: version must be an int >= 1, not {version!r}")
+            raise EventDefinitionError(
+                f"{cls.__name__}: version must be an int >= 1, not {version!r}"
+            )
         taken = _registry.get(name)
         if taken is not None and not _same_definition(taken, cls):
             raise EventDefinitionError(
@@ -464,4 +468,3 @@ def dumps(payload: Mapping[str, Any]) -> bytes:
 def loads(data: bytes | str) -> Any:
     """Parse JSON (bytes must be UTF-8)."""
     return json.loads(data)
-

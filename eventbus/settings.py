@@ -18,7 +18,10 @@ class Settings:
 
     @classmethod
     def from_env(cls, **overrides: str | None) -> Settings:
-        """``EVENTBUS_DATABASE_URL``/``EVENTBUS_BROKER_URL``, then defaults; non-None overrides win."""
+        """Environment (``EVENTBUS_DATABASE_URL``, ``EVENTBUS_BROKER_URL``), then defaults.
+
+        Overrides that are not None win over both.
+        """
         values = {
             "database_url": os.environ.get("EVENTBUS_DATABASE_URL", DEFAULT_DATABASE_URL),
             "broker_url": os.environ.get("EVENTBUS_BROKER_URL", DEFAULT_BROKER_URL),

@@ -115,7 +115,9 @@ class EventStore:
         transaction) to commit the events with your own rows; otherwise the store commits.
         """
         if not isinstance(stream_id, str) or not 0 < len(stream_id) <= 255:
-            raise StoreError(f"stream_id must be a string of 1 to 255 characters, not {stream_id!r}")
+            raise StoreError(
+                f"stream_id must be a string of 1 to 255 characters, not {stream_id!r}"
+            )
         batch = list(events)
         for event in batch:
             if not isinstance(event, Event):
@@ -160,7 +162,9 @@ class EventStore:
             if len(stored) == len(batch) and all(r.stream_id == stream_id for r in stored):
                 log.debug("append.duplicate", stream_id=stream_id, count=len(batch))
                 return [
-                    e.stored(stream_id, by_id[e.event_id].stream_version, by_id[e.event_id].position)
+                    e.stored(
+                        stream_id, by_id[e.event_id].stream_version, by_id[e.event_id].position
+                    )
                     for e in batch
                 ]
             raise DuplicateEventError(stream_id, [r.event_id for r in stored])

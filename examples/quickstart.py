@@ -1,6 +1,6 @@
 """Define an event, append it to the store, read it back: on a SQLite file, no server needed.
 
-    python examples/quickstart.py [DATABASE_URL]
+python examples/quickstart.py [DATABASE_URL]
 """
 
 import sys

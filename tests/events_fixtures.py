@@ -17,7 +17,7 @@ class ImageUploaded(Event, type="image.new"):
     user_id: Annotated[str, fields.Str(validate=validate.Length(min=1))]
     size: int
     taken_at: dt.datetime | None = None
-    tags: list[str] = []
+    tags: list[str] = []  # noqa: RUF012 - an event field default, copied per instance
 
 
 class Counted(Event, type="test.counted"):

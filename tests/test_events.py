@@ -103,7 +103,9 @@ def test_equality_is_by_value() -> None:
 
 
 def test_a_taken_type_name_fails_at_definition() -> None:
-    with pytest.raises(EventDefinitionError, match=r"'image.new' is already taken by .*ImageUploaded"):
+    with pytest.raises(
+        EventDefinitionError, match=r"'image.new' is already taken by .*ImageUploaded"
+    ):
 
         class Other(Event, type="image.new"):
             x: int
@@ -151,7 +153,7 @@ def test_abstract_base_is_not_registered_or_constructible() -> None:
 
 def test_registry_resolves_type_names() -> None:
     assert event_class("image.new") is ImageUploaded
-    with pytest.raises(UnknownEventType, match="'no.such'"):
+    with pytest.raises(UnknownEventType, match=r"'no\.such'"):
         event_class("no.such")
 
 
@@ -159,9 +161,12 @@ def test_encode_decode_round_trip() -> None:
     e = ImageUploaded(user_id="u", size=3, taken_at=NOW, tags=["a"], causation_id="c-1")
     payload = encode_payload(e)
     assert payload == {"user_id": "u", "size": 3, "taken_at": NOW.isoformat(), "tags": ["a"]}
-    back = decode_event("image.new", 1, payload, **{
-        k: getattr(e, k) for k in ("event_id", "occurred_at", "correlation_id", "causation_id")
-    })
+    back = decode_event(
+        "image.new",
+        1,
+        payload,
+        **{k: getattr(e, k) for k in ("event_id", "occurred_at", "correlation_id", "causation_id")},
+    )
     assert back == e
 
 

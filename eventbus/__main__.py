@@ -1,0 +1,5 @@
+"""``python -m eventbus`` runs the ``eventbus`` command."""
+
+from eventbus.cli import main
+
+main()
