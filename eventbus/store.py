@@ -55,7 +55,6 @@ _RETRIES = 100
 def create_engine(url: str, **kwargs: Any) -> Engine:
     """An engine set up for the store: WAL and ``BEGIN IMMEDIATE`` writes on SQLite."""
     if not url.startswith("sqlite"):
-        kwargs.setdefault("pool_pre_ping", True)
         return sa.create_engine(url, **kwargs)
     connect_args = kwargs.pop("connect_args", {})
     connect_args.setdefault("timeout", 60)
@@ -132,7 +131,7 @@ class EventStore:
             for attempt in range(_RETRIES):
                 try:
                     with conn.begin_nested():
-                        return self._append(conn, stream_id, batch, expected_version)
+                        return self._append(conn, stream_id, batch, expected_version, attempt > 0)
                 except sa.exc.IntegrityError:
                     if attempt == _RETRIES - 1:
                         raise
@@ -140,7 +139,7 @@ class EventStore:
         for attempt in range(_RETRIES):
             try:
                 with self.engine.begin() as conn:
-                    return self._append(conn, stream_id, batch, expected_version)
+                    return self._append(conn, stream_id, batch, expected_version, attempt > 0)
             except sa.exc.IntegrityError:
                 # A concurrent writer took the same version or event id: look again.
                 if attempt == _RETRIES - 1:
@@ -149,30 +148,24 @@ class EventStore:
         raise AssertionError("unreachable")
 
     def _append(
-        self, conn: Connection, stream_id: str, batch: list[Event], expected_version: int | None
+        self,
+        conn: Connection,
+        stream_id: str,
+        batch: list[Event],
+        expected_version: int | None,
+        check_stored: bool,
     ) -> list[Event]:
-        ids = [e.event_id for e in batch]
-        stored = conn.execute(
-            sa.select(T.c.event_id, T.c.stream_id, T.c.stream_version, T.c.position).where(
-                T.c.event_id.in_(ids)
-            )
-        ).all()
-        if stored:
-            by_id = {row.event_id: row for row in stored}
-            if len(stored) == len(batch) and all(r.stream_id == stream_id for r in stored):
-                log.debug("append.duplicate", stream_id=stream_id, count=len(batch))
-                return [
-                    e.stored(
-                        stream_id, by_id[e.event_id].stream_version, by_id[e.event_id].position
-                    )
-                    for e in batch
-                ]
-            raise DuplicateEventError(stream_id, [r.event_id for r in stored])
+        # The happy path is one SELECT and one INSERT. Stored event ids are looked for only on a
+        # retry (after a unique violation) or a version mismatch, the two ways a repeat shows.
         current = conn.execute(
             sa.select(sa.func.coalesce(sa.func.max(T.c.stream_version), 0)).where(
                 T.c.stream_id == stream_id
             )
         ).scalar_one()
+        if check_stored or (expected_version is not None and current != expected_version):
+            repeat = self._stored_batch(conn, stream_id, batch)
+            if repeat is not None:
+                return repeat
         if expected_version is not None and current != expected_version:
             raise ConcurrencyError(stream_id, expected_version, current)
         if self._sequenced:
@@ -201,8 +194,26 @@ class EventStore:
             )
             result.append(event.stored(stream_id, version, position))
         conn.execute(sa.insert(T), rows)
-        log.debug("append", stream_id=stream_id, count=len(rows), version=current + len(rows))
         return result
+
+    def _stored_batch(
+        self, conn: Connection, stream_id: str, batch: list[Event]
+    ) -> list[Event] | None:
+        """The batch as stored if every event id is already in ``stream_id``; None if none is."""
+        stored = conn.execute(
+            sa.select(T.c.event_id, T.c.stream_id, T.c.stream_version, T.c.position).where(
+                T.c.event_id.in_([e.event_id for e in batch])
+            )
+        ).all()
+        if not stored:
+            return None
+        if len(stored) == len(batch) and all(r.stream_id == stream_id for r in stored):
+            by_id = {row.event_id: row for row in stored}
+            return [
+                e.stored(stream_id, by_id[e.event_id].stream_version, by_id[e.event_id].position)
+                for e in batch
+            ]
+        raise DuplicateEventError(stream_id, [r.event_id for r in stored])
 
     # -- global order ----------------------------------------------------------------------
 
