@@ -24,8 +24,8 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eventbus import Event, EventStore, configure_logging  # noqa: E402
-from eventbus.migrate import upgrade  # noqa: E402
+from eventbus import Event, EventStore, configure_logging
+from eventbus.migrate import upgrade
 
 PAYLOAD = {"user_id": "u-1", "path": "/images/" + "x" * 900}
 
