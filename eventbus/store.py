@@ -281,6 +281,8 @@ class EventStore:
             if rows:
                 after = rows[-1].position
                 sequenced_at_tail = False
+            if until_position is not None and after >= until_position:
+                return
             if len(rows) < self.page_size:
                 # At the end of what is numbered: number what has committed since, once.
                 if sequenced_at_tail or not self._sequenced or self.sequence() == 0:
