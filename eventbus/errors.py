@@ -94,3 +94,22 @@ def _flatten(messages: Any) -> str:
     if isinstance(messages, Sequence):
         return " ".join(_flatten(m) for m in messages)
     return str(messages)
+
+
+class BusError(EventbusError):
+    """The bus (relay, subscriptions, workers) refused or failed an operation."""
+
+
+class MalformedMessage(BusError):
+    """A message on the bus that is not an eventbus event; ``reason`` says why.
+
+    Workers dead-letter such messages at once, with the reason in the ``x-dead-reason`` header.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class HandlerDefinitionError(BusError, TypeError):
+    """A service or handler is declared wrongly (bad pattern, taken name, wrong signature, ...)."""

@@ -336,9 +336,9 @@ _INSERT_ONE = (
     sa.text(
         f"""
         INSERT INTO {T.name} (event_id, stream_id, stream_version, type, schema_version,
-                              occurred_at, correlation_id, causation_id, payload)
+                              occurred_at, correlation_id, causation_id, payload, routing_key)
         SELECT :event_id, :stream_id, {_CURRENT} + 1, :type, :schema_version,
-               :occurred_at, :correlation_id, :causation_id, :payload
+               :occurred_at, :correlation_id, :causation_id, :payload, :routing_key
         WHERE CAST(:expected AS INTEGER) IS NULL OR {_CURRENT} = :expected
         RETURNING stream_version
         """
@@ -366,6 +366,7 @@ def _row(event: Event, stream_id: str, version: int, position: int | None) -> di
         "correlation_id": event.correlation_id,
         "causation_id": event.causation_id,
         "payload": encode_payload(event),
+        "routing_key": None if event.routing_key == event.type else event.routing_key,
     }
 
 

@@ -59,6 +59,9 @@ events = sa.Table(
     sa.Column("correlation_id", sa.String(255), nullable=True),
     sa.Column("causation_id", sa.String(255), nullable=True),
     sa.Column("payload", Payload, nullable=False),
+    # The routing key the class declared when appended (NULL: the type). Stored so that the
+    # relay publishes without importing the application's event classes.
+    sa.Column("routing_key", sa.String(255), nullable=True),
     sa.UniqueConstraint("event_id"),
     sa.UniqueConstraint("stream_id", "stream_version"),
     sa.UniqueConstraint("position"),
@@ -70,4 +73,34 @@ events = sa.Table(
         sqlite_where=sa.text("position IS NULL"),
     ),
     implicit_returning=False,  # append needs no generated id back: one round trip less
+)
+
+# The relay's checkpoint: the last position the broker confirmed, per relay name.
+relay_checkpoints = sa.Table(
+    "eventbus_relay_checkpoints",
+    metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("position", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# Each handler's record of what it processed: written in the handler's own transaction, so a
+# redelivered or re-published event has no second effect.
+processed = sa.Table(
+    "eventbus_processed",
+    metadata,
+    sa.Column("handler", sa.String(255), primary_key=True),
+    sa.Column("event_id", sa.Uuid, primary_key=True),
+    sa.Column("position", sa.BigInteger, nullable=True),
+    sa.Column("processed_at", UTCDateTime, nullable=False),
+)
+
+# The patterns each queue was bound with at its last start, so that a pattern removed from the
+# code is unbound on the next start (AMQP itself cannot list a queue's bindings).
+bindings = sa.Table(
+    "eventbus_bindings",
+    metadata,
+    sa.Column("queue", sa.String(255), primary_key=True),
+    sa.Column("exchange", sa.String(255), primary_key=True),
+    sa.Column("pattern", sa.String(255), primary_key=True),
 )

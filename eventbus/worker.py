@@ -1,0 +1,610 @@
+"""Workers: consume a service's queues, run its handlers, ack only after their effects committed.
+
+One thread owns the broker connection: it declares the topology, receives messages, sends acks,
+retries and dead letters, and keeps AMQP heartbeats flowing. Handlers run on ``concurrency``
+other threads, so a slow handler never starves the heartbeat.
+
+For each batch of messages a handler thread takes (up to ``batch_size``, whatever is there):
+1. decode; a malformed message (not JSON, unknown type, invalid fields, unsupported version)
+   goes to ``<queue>.dead`` at once with the reason in ``x-dead-reason``;
+2. in one database transaction, record every event as processed by this handler (insert, on
+   conflict do nothing): an event already recorded is a redelivery or a re-publish and is acked
+   without running the handler again; on PostgreSQL a concurrent duplicate waits for the first;
+3. run the handler per event, in a savepoint if it uses ``ctx.connection``; an exception rolls
+   back that event's savepoint and record, and the event is retried;
+4. commit, then ack. A crash before the commit leaves nothing behind and the broker redelivers.
+
+Retries go through delay queues: the message is republished (with publisher confirm) to
+``<queue>.retry.<ms>``, whose TTL dead-letters it back to the queue, then the original is acked.
+After ``max_attempts`` it goes to ``<queue>.dead`` with ``x-exception``, ``x-exception-message``,
+``x-attempts``, ``x-original-routing-key`` and ``x-first-failure-at`` headers.
+
+A lost connection is re-established with backoff; work in flight on the old connection is not
+acked (the broker redelivers it; step 2 drops the duplicate). SIGTERM/SIGINT stop consumption,
+let in-flight messages finish and be acked, and return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import queue as queues
+import random
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import kombu
+import kombu.exceptions
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.dialects import postgresql, sqlite
+
+from eventbus.errors import MalformedMessage
+from eventbus.events import Event
+from eventbus.logging import redact
+from eventbus.publisher import Publisher, PublishError, declare_exchange, is_amqp
+from eventbus.store import EventStore
+from eventbus.subscriptions import Context, Handler, Service, virtual_patterns
+from eventbus.tables import bindings as B
+from eventbus.tables import processed as P
+from eventbus.wire import Message, decode
+
+log = structlog.get_logger("eventbus.worker")
+
+_PROPERTIES = (
+    "message_id",
+    "type",
+    "timestamp",
+    "correlation_id",
+    "content_type",
+    "content_encoding",
+    "delivery_mode",
+)
+
+
+@dataclasses.dataclass
+class _Job:
+    generation: int
+    handler: Handler
+    message: Any  # kombu.Message
+    outcome: str = ""  # ack | retry | dead | requeue
+    reason: str = ""
+    exception: BaseException | None = None
+    event: Event | None = None
+
+
+class Worker:
+    """Runs one service's handlers against the broker and the database.
+
+    ``Worker(service, broker_url=..., database_url=...).run()`` blocks until SIGTERM/SIGINT (or
+    ``stop()``); ``start()`` runs it in a thread of this process instead.
+    """
+
+    def __init__(
+        self,
+        service: Service,
+        *,
+        broker_url: str,
+        database_url: str | None = None,
+        store: EventStore | None = None,
+        exchange: str = "eventbus",
+        prefetch: int = 100,
+        concurrency: int = 1,
+        batch_size: int = 100,
+        heartbeat: int = 30,
+        queue_type: str = "classic",
+        max_backoff: float = 10.0,
+    ) -> None:
+        if not service.handlers:
+            raise ValueError(f"service {service.name!r} has no handlers")
+        if store is None:
+            if database_url is None:
+                raise ValueError("pass database_url or store")
+            store = EventStore(database_url)
+        if queue_type not in ("classic", "quorum"):
+            raise ValueError(f"queue_type must be 'classic' or 'quorum', not {queue_type!r}")
+        for label, value in (("prefetch", prefetch), ("concurrency", concurrency)):
+            if value < 1:
+                raise ValueError(f"{label} must be >= 1")
+        self.service = service
+        self.store = store
+        self.broker_url = broker_url
+        self.exchange = exchange
+        self.prefetch = prefetch
+        self.concurrency = concurrency
+        self.batch_size = max(1, batch_size)
+        self.heartbeat = heartbeat
+        self.queue_type = queue_type
+        self.max_backoff = max_backoff
+        self.counts = {"processed": 0, "duplicate": 0, "retried": 0, "dead": 0}
+        self.ready = threading.Event()  # set while consuming
+        self._stop = threading.Event()
+        self._generation = 0
+        self._jobs: queues.Queue[_Job | None] = queues.Queue()
+        self._done: queues.Queue[_Job] = queues.Queue()
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._log = log.bind(service=service.name)
+        self._insert_processed = _processed_insert(store.engine.dialect.name)
+
+    # -- running -----------------------------------------------------------------------------
+
+    def run(self, *, install_signal_handlers: bool = True) -> None:
+        """Consume until stopped; SIGTERM/SIGINT stop it gracefully when run in the main thread."""
+        if install_signal_handlers and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda signum, _frame: self._on_signal(signum))
+        threads = [
+            threading.Thread(target=self._handle_loop, name=f"eventbus-handler-{i}", daemon=True)
+            for i in range(self.concurrency)
+        ]
+        for t in threads:
+            t.start()
+        failures = 0
+        self._log.info(
+            "worker.started",
+            broker=redact(self.broker_url),
+            queues=[h.queue for h in self.service.handlers.values()],
+            prefetch=self.prefetch,
+            concurrency=self.concurrency,
+        )
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._consume()
+                    failures = 0
+                except _recoverable() as exc:
+                    self.ready.clear()
+                    failures += 1
+                    with self._lock:
+                        self._generation += 1  # results for the lost channel are dropped
+                    delay = min(self.max_backoff, 0.1 * 2 ** min(failures, 10))
+                    delay *= random.uniform(0.5, 1.0)
+                    self._log.warning(
+                        "worker.reconnecting",
+                        error=redact(f"{type(exc).__name__}: {exc}"),
+                        attempt=failures,
+                        retry_in=round(delay, 2),
+                    )
+                    self._stop.wait(delay)
+        finally:
+            for _ in threads:
+                self._jobs.put(None)
+            for t in threads:
+                t.join(timeout=60)
+            self._log.info("worker.stopped", **self.counts)
+
+    def start(self) -> Worker:
+        """Run in a daemon thread of this process; ``ready`` is set once it consumes."""
+        self._thread = threading.Thread(
+            target=self.run,
+            kwargs={"install_signal_handlers": False},
+            name=f"eventbus-worker-{self.service.name}",
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop taking messages, finish and ack the in-flight ones, disconnect."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _on_signal(self, signum: int) -> None:
+        self._log.info("worker.stopping", signal=signal.Signals(signum).name)
+        self._stop.set()
+
+    # -- the connection's thread -------------------------------------------------------------
+
+    def _consume(self) -> None:
+        conn = kombu.Connection(
+            self.broker_url,
+            heartbeat=self.heartbeat,
+            transport_options={"polling_interval": 0.005},
+            connect_timeout=10,
+        )
+        with conn:
+            conn.connect()
+            with self._lock:
+                generation = self._generation
+            channel = conn.channel()
+            publisher = Publisher(conn, "")  # retries and dead letters, confirmed
+            self._declare(conn, channel)
+            channel.basic_qos(0, self.prefetch, False)
+            consumers = []
+            for handler in self.service.handlers.values():
+
+                def on_message(message: Any, handler: Handler = handler) -> None:
+                    with self._lock:
+                        self._in_flight += 1
+                    self._jobs.put(_Job(generation, handler, message))
+
+                consumer = kombu.Consumer(
+                    channel,
+                    queues=[kombu.Queue(handler.queue, channel=channel, no_declare=True)],
+                    on_message=on_message,
+                    no_ack=False,
+                )
+                consumer.consume()
+                consumers.append(consumer)
+            self.ready.set()
+            self._log.info("worker.consuming", generation=generation)
+            cancelled = False
+            while True:
+                if self._stop.is_set() and not cancelled:
+                    for consumer in consumers:
+                        consumer.cancel()
+                    cancelled = True
+                    self._log.info("worker.draining", in_flight=self._in_flight)
+                self._settle(publisher, generation)
+                if cancelled and self._in_flight == 0:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=0.05)
+                conn.heartbeat_check()
+
+    def _declare(self, conn: kombu.Connection, channel: Any) -> None:
+        declare_exchange(conn, channel, self.exchange)
+        exchange = kombu.Exchange(self.exchange, "topic", durable=True)
+        virtual = not is_amqp(conn)
+        args = {"x-queue-type": self.queue_type} if not virtual else {}
+        for handler in self.service.handlers.values():
+            patterns = set(handler.patterns)
+            if virtual:
+                patterns = set().union(*(virtual_patterns(p) for p in patterns))
+            queue = kombu.Queue(
+                handler.queue, durable=True, auto_delete=False, queue_arguments=args,
+                channel=channel,
+            )
+            queue.declare()
+            bound_before = self._recorded_bindings(handler.queue)
+            for pattern in sorted(bound_before - patterns):
+                queue.unbind_from(exchange, routing_key=pattern)
+                self._log.info("queue.unbound", queue=handler.queue, pattern=pattern)
+            for pattern in sorted(patterns):
+                queue.bind_to(exchange, routing_key=pattern)
+            self._record_bindings(handler.queue, patterns)
+            kombu.Queue(
+                handler.dead_letter_queue, durable=True, auto_delete=False,
+                queue_arguments=args, channel=channel,
+            ).declare()
+            if virtual:
+                continue  # retries are timers in this process (no TTL on virtual transports)
+            for attempt, delay in enumerate(handler.retry_delays(), start=1):
+                kombu.Queue(
+                    handler.retry_queue(attempt),
+                    durable=True,
+                    auto_delete=False,
+                    channel=channel,
+                    queue_arguments={
+                        **args,
+                        "x-message-ttl": round(delay * 1000),
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": handler.queue,
+                    },
+                ).declare()
+
+    def _recorded_bindings(self, queue: str) -> set[str]:
+        with self.store.engine.connect() as db:
+            rows = db.execute(
+                sa.select(B.c.pattern).where(B.c.queue == queue, B.c.exchange == self.exchange)
+            )
+            return {r.pattern for r in rows}
+
+    def _record_bindings(self, queue: str, patterns: set[str]) -> None:
+        with self.store.engine.begin() as db:
+            db.execute(sa.delete(B).where(B.c.queue == queue, B.c.exchange == self.exchange))
+            db.execute(
+                sa.insert(B),
+                [{"queue": queue, "exchange": self.exchange, "pattern": p} for p in patterns],
+            )
+
+    def _settle(self, publisher: Publisher, generation: int) -> None:
+        """Ack, retry or dead-letter what the handler threads finished (on this thread only)."""
+        while True:
+            try:
+                job = self._done.get_nowait()
+            except queues.Empty:
+                return
+            try:
+                if job.generation != generation:
+                    continue  # its channel is gone; the broker redelivers it
+                if job.outcome == "ack":
+                    job.message.ack()
+                elif job.outcome == "requeue":
+                    job.message.reject(requeue=True)
+                elif job.outcome == "retry":
+                    self._retry(publisher, job)
+                else:
+                    self._dead_letter(publisher, job, job.reason)
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
+
+    def _retry(self, publisher: Publisher, job: _Job) -> None:
+        handler, message = job.handler, job.message
+        headers = dict(message.headers or {})
+        attempt = _int(headers.get("x-attempts"), 0) + 1
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+        exc = job.exception
+        headers.setdefault("x-first-failure-at", now)
+        headers.setdefault("x-original-routing-key", _routing_key(message))
+        headers["x-attempts"] = attempt
+        headers["x-exception"] = type(exc).__name__ if exc else "Exception"
+        headers["x-exception-message"] = _truncate(str(exc) if exc else job.reason)
+        bound = self._log.bind(**_context(job, attempt))
+        if attempt >= handler.max_attempts:
+            self.counts["dead"] += 1
+            publisher.publish([(handler.dead_letter_queue, _republish(message, headers))])
+            message.ack()
+            bound.error("event.dead_lettered", reason="attempts exhausted", **_exc_fields(exc))
+            return
+        delay = handler.retry_delays()[attempt - 1]
+        self.counts["retried"] += 1
+        if is_amqp(publisher.connection):
+            publisher.publish([(handler.retry_queue(attempt), _republish(message, headers))])
+        else:
+            self._retry_in_process(handler.queue, _republish(message, headers), delay)
+        message.ack()
+        bound.warning("event.retry_scheduled", retry_in=delay, **_exc_fields(exc))
+
+    def _retry_in_process(self, queue: str, msg: Message, delay: float) -> None:
+        def put_back() -> None:
+            try:
+                with kombu.Connection(self.broker_url) as conn:
+                    Publisher(conn, "").publish([(queue, msg)])
+            except Exception as exc:
+                self._log.error("event.retry_lost", queue=queue, error=str(exc))
+
+        timer = threading.Timer(delay, put_back)
+        timer.daemon = True
+        timer.start()
+
+    def _dead_letter(self, publisher: Publisher, job: _Job, reason: str) -> None:
+        handler, message = job.handler, job.message
+        headers = dict(message.headers or {})
+        headers["x-dead-reason"] = _truncate(reason)
+        headers.setdefault("x-original-routing-key", _routing_key(message))
+        headers["x-failed-at"] = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+        headers["x-queue"] = handler.queue
+        publisher.publish([(handler.dead_letter_queue, _republish(message, headers))])
+        message.ack()
+        self.counts["dead"] += 1
+        self._log.error(
+            "message.dead_lettered",
+            queue=handler.queue,
+            handler=handler.name,
+            message_id=_text(message.properties.get("message_id")),
+            message_type=_text(message.properties.get("type")),
+            reason=reason,
+        )
+
+    # -- handler threads ---------------------------------------------------------------------
+
+    def _handle_loop(self) -> None:
+        while True:
+            first = self._jobs.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.batch_size:
+                try:
+                    more = self._jobs.get_nowait()
+                except queues.Empty:
+                    break
+                if more is None:
+                    self._jobs.put(None)
+                    break
+                batch.append(more)
+            with self._lock:
+                current = self._generation
+            live = []
+            for job in batch:
+                if job.generation != current:
+                    self._done.put(job)  # dropped by _settle; the broker redelivers it
+                elif self._stop.is_set():
+                    job.outcome = "requeue"  # prefetched, not started: back to the queue
+                    self._done.put(job)
+                else:
+                    live.append(job)
+            if live:
+                self._handle_batch(live)
+
+    def _handle_batch(self, batch: list[_Job]) -> None:
+        good: list[_Job] = []
+        for job in batch:
+            try:
+                props = _properties(job.message)
+                job.event = decode(job.message.body, props, job.message.headers or {})
+            except MalformedMessage as exc:
+                job.outcome, job.reason = "dead", exc.reason
+                self._done.put(job)
+                continue
+            if not job.handler.accepts(job.event):
+                job.outcome = "dead"
+                names = ", ".join(c.__name__ for c in job.handler.event_classes)
+                job.reason = f"handler {job.handler.queue} takes {names}, not {job.event.type}"
+                self._done.put(job)
+                continue
+            good.append(job)
+        if not good:
+            return
+        for attempt in range(3):
+            try:
+                self._run_handlers(good)
+                break
+            except sa.exc.DBAPIError as exc:
+                # The database failed (not a handler): nothing was committed; try again, then
+                # give the messages back to the broker.
+                self._log.warning(
+                    "worker.database_error", error=redact(str(exc.orig)), attempt=attempt + 1
+                )
+                time.sleep(0.5 * (attempt + 1))
+        else:
+            for job in good:
+                job.outcome = "requeue"
+        for job in good:
+            self._done.put(job)
+
+    def _run_handlers(self, jobs: list[_Job]) -> None:
+        now = dt.datetime.now(dt.UTC)
+        with self.store.engine.connect() as db, db.begin():
+            fresh: set[Any] = set()
+            by_handler: dict[str, list[_Job]] = {}
+            for job in jobs:
+                by_handler.setdefault(job.handler.queue, []).append(job)
+            for queue_name, group in by_handler.items():
+                rows = [
+                    {
+                        "handler": queue_name,
+                        "event_id": j.event.event_id,
+                        "position": j.event.position,
+                        "processed_at": now,
+                    }
+                    for j in group
+                    if j.event is not None
+                ]
+                inserted = db.execute(self._insert_processed.values(rows)).scalars().all()
+                fresh.update((queue_name, event_id) for event_id in inserted)
+            for job in jobs:
+                assert job.event is not None
+                key = (job.handler.queue, job.event.event_id)
+                if key not in fresh:
+                    job.outcome = "ack"
+                    job.reason = "duplicate"
+                    self.counts["duplicate"] += 1
+                    self._log.info("event.duplicate_skipped", **_context(job, None))
+                    continue
+                fresh.discard(key)  # the same event twice in one batch runs once
+                self._run_one(db, job)
+        for job in jobs:
+            if job.outcome == "ack" and job.reason != "duplicate":
+                self.counts["processed"] += 1
+
+    def _run_one(self, db: Any, job: _Job) -> None:
+        assert job.event is not None
+        handler = job.handler
+        attempt = _int((job.message.headers or {}).get("x-attempts"), 0) + 1
+        context = _context(job, attempt)
+        bound = self._log.bind(**context)
+        ctx = Context(
+            handler=handler.name,
+            queue=handler.queue,
+            attempt=attempt,
+            log=bound,
+            store=self.store,
+            _connection=db,
+        )
+        started = time.perf_counter()
+        try:
+            with structlog.contextvars.bound_contextvars(**context):
+                handler(job.event, ctx)
+        except Exception as exc:
+            if ctx._savepoint is not None and ctx._savepoint.is_active:
+                ctx._savepoint.rollback()
+            db.execute(
+                sa.delete(P).where(P.c.handler == handler.queue, P.c.event_id == job.event.event_id)
+            )
+            job.outcome, job.exception = "retry", exc
+            job.reason = "".join(traceback.format_exception_only(exc)).strip()
+            bound.warning("event.failed", error=redact(job.reason))
+            return
+        if ctx._savepoint is not None and ctx._savepoint.is_active:
+            ctx._savepoint.commit()
+        job.outcome = "ack"
+        bound.debug("event.handled", ms=round((time.perf_counter() - started) * 1000, 2))
+
+
+def _recoverable() -> tuple[type[BaseException], ...]:
+    """Errors that mean "reconnect and go on": the broker, the network or the database."""
+    conn = kombu.Connection("amqp://")
+    return (
+        *conn.connection_errors,
+        *conn.channel_errors,
+        OSError,
+        PublishError,
+        sa.exc.OperationalError,
+        sa.exc.InterfaceError,
+        kombu.exceptions.OperationalError,
+    )
+
+
+def _processed_insert(dialect: str) -> Any:
+    module: Any = postgresql if dialect == "postgresql" else sqlite
+    return module.insert(P).on_conflict_do_nothing().returning(P.c.event_id)
+
+
+def _context(job: _Job, attempt: int | None) -> dict[str, Any]:
+    event = job.event
+    values: dict[str, Any] = {
+        "queue": job.handler.queue,
+        "handler": job.handler.name,
+    }
+    if event is not None:
+        values.update(
+            event_id=str(event.event_id),
+            event_type=event.type,
+            correlation_id=event.correlation_id,
+            position=event.position,
+        )
+    if attempt is not None:
+        values["attempt"] = attempt
+    return values
+
+
+def _exc_fields(exc: BaseException | None) -> dict[str, Any]:
+    if exc is None:
+        return {}
+    return {"error": redact(f"{type(exc).__name__}: {exc}")}
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _int(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _truncate(text: str, limit: int = 1000) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _properties(message: Any) -> dict[str, Any]:
+    props = dict(message.properties or {})
+    props["content_type"] = message.content_type or props.get("content_type")
+    return props
+
+
+def _routing_key(message: Any) -> str:
+    return str((message.delivery_info or {}).get("routing_key", ""))
+
+
+def _republish(message: Any, headers: dict[str, Any]) -> Message:
+    props = _properties(message)
+    properties = {k: props[k] for k in _PROPERTIES if props.get(k) is not None}
+    properties["delivery_mode"] = 2
+    body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+    return body, properties, headers
+
+
+@contextlib.contextmanager
+def running(*workers: Any) -> Iterator[None]:
+    """Start relays/workers in threads for the block, stop them after (tests, embedded mode)."""
+    for w in workers:
+        w.start()
+    try:
+        yield
+    finally:
+        for w in reversed(workers):
+            w.stop()
