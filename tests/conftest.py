@@ -6,16 +6,19 @@ where an unreachable server fails the run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from eventbus.migrate import upgrade
 from eventbus.store import EventStore
+from eventbus.subscriptions import Service
 from eventbus.tables import metadata
 
 PG_ADMIN_URL = os.environ.get(
@@ -70,3 +73,73 @@ def store(db_url: str) -> Iterator[EventStore]:
     s = EventStore(db_url)
     yield s
     s.close()
+
+
+AMQP_URL = os.environ.get("EVENTBUS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """The RabbitMQ to test against; skips without one (fails under CI=true)."""
+    import kombu
+
+    try:
+        with kombu.Connection(AMQP_URL, connect_timeout=5) as conn:
+            conn.connect()
+    except Exception as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"RabbitMQ at {AMQP_URL} is unreachable under CI=true: {exc}")
+        pytest.skip(f"RabbitMQ at {AMQP_URL} is unreachable: {exc}")
+    return AMQP_URL
+
+
+class Broker:
+    """Names unique to one test, and the cleanup of everything they declared on RabbitMQ."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.tag = uuid.uuid4().hex[:8]
+        self.exchange = f"test-{self.tag}"
+        self.services: list[Service] = []
+
+    def service(self, name: str, **options: Any) -> Service:
+        """A Service with a name unique to this test (its queues are deleted afterwards)."""
+        svc = Service(f"{name}-{self.tag}", **options)
+        self.services.append(svc)
+        return svc
+
+    def queues(self) -> list[str]:
+        names = []
+        for svc in self.services:
+            for handler in svc.handlers.values():
+                names += [handler.queue, handler.dead_letter_queue]
+                names += [handler.retry_queue(a) for a in range(1, handler.max_attempts)]
+        return names
+
+    def cleanup(self) -> None:
+        import kombu
+
+        with kombu.Connection(self.url) as conn:
+            for name in [*self.queues(), *self.extra_queues]:
+                channel = conn.channel()
+                try:
+                    channel.queue_delete(name)
+                except Exception:  # never declared
+                    pass
+                finally:
+                    with contextlib.suppress(Exception):
+                        channel.close()
+            channel = conn.channel()
+            with contextlib.suppress(Exception):
+                channel.exchange_delete(self.exchange)
+
+    extra_queues: list[str] = []  # noqa: RUF012 - replaced per instance when used
+
+
+@pytest.fixture
+def broker(amqp_url: str) -> Iterator[Broker]:
+    """RabbitMQ with a unique exchange; declared queues are deleted after the test."""
+    b = Broker(amqp_url)
+    b.extra_queues = []
+    yield b
+    b.cleanup()
