@@ -1,0 +1,374 @@
+"""The bus end to end: relay -> topic exchange -> worker -> handler, on RabbitMQ and memory://.
+
+Fault tests (killed workers, cut connections, garbage, poison events) are in test_bus_faults.py;
+the wire format and interop with plain AMQP clients in test_wire.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import kombu
+import pytest
+import sqlalchemy as sa
+import structlog
+
+from eventbus import EventStore, HandlerDefinitionError, Relay, Service, Worker
+from eventbus.subscriptions import Context
+from eventbus.worker import running
+from tests.conftest import Broker
+from tests.events_fixtures import Counted, ImageUploaded, UserLoggedIn
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:
+    """Poll ``condition`` until true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+
+
+@pytest.fixture(params=["memory", "rabbitmq"])
+def bus(request: pytest.FixtureRequest) -> Iterator[tuple[str, Broker]]:
+    """(broker URL, names): memory:// in this process, or RabbitMQ with unique names."""
+    if request.param == "memory":
+        b = Broker("memory://")
+        yield "memory://", b
+        return
+    b = request.getfixturevalue("broker")
+    yield b.url, b
+
+
+def effects_table(store: EventStore) -> sa.Table:
+    meta = sa.MetaData()
+    table = sa.Table(
+        f"effects_{uuid.uuid4().hex[:8]}",
+        meta,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("event_id", sa.String(36), nullable=False),  # not unique: doubles would show
+    )
+    meta.create_all(store.engine)
+    return table
+
+
+def count_effects(store: EventStore, table: sa.Table) -> dict[str, int]:
+    with store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(table.c.event_id, sa.func.count()).group_by(table.c.event_id)
+        ).all()
+    return {r[0]: r[1] for r in rows}
+
+
+def test_every_stored_event_reaches_its_handlers_once(
+    store: EventStore, bus: tuple[str, Broker]
+) -> None:
+    url, names = bus
+    effects = effects_table(store)
+    svc = names.service("shop")
+    logins: list[UserLoggedIn] = []
+
+    @svc.handles(UserLoggedIn)
+    def on_login(event: UserLoggedIn, ctx: Context) -> None:
+        logins.append(event)
+        ctx.connection.execute(sa.insert(effects).values(event_id=str(event.event_id)))
+
+    @svc.handles("image.*", "test.#")
+    def everything_else(event: Any) -> None:
+        pass
+
+    worker = Worker(svc, broker_url=url, store=store, exchange=names.exchange)
+    relay = Relay(store, url, exchange=names.exchange, name=names.exchange)
+    with running(worker):
+        assert worker.ready.wait(60)
+        with running(relay):
+            stored = []
+            for i in range(50):
+                stored += store.append(f"user-{i}", [UserLoggedIn(user_id=str(i))])
+                store.append(f"img-{i}", [ImageUploaded(user_id=str(i), size=i), Counted(n=i)])
+            wait_for(lambda: worker.counts["processed"] == 150, what="150 events processed")
+    assert count_effects(store, effects) == {str(e.event_id): 1 for e in stored}
+    assert [e.user_id for e in logins] == [str(i) for i in range(50)]  # one worker: in order
+    assert [e.position for e in logins] == sorted(e.position for e in logins)
+    assert worker.counts == {"processed": 150, "duplicate": 0, "retried": 0, "dead": 0}
+
+
+def test_republished_events_have_no_second_effect(
+    store: EventStore, bus: tuple[str, Broker]
+) -> None:
+    url, names = bus
+    effects = effects_table(store)
+    svc = names.service("once")
+
+    @svc.handles(UserLoggedIn)
+    def record(event: UserLoggedIn, ctx: Context) -> None:
+        ctx.connection.execute(sa.insert(effects).values(event_id=str(event.event_id)))
+
+    for i in range(30):
+        store.append(f"u-{i}", [UserLoggedIn(user_id=str(i))])
+    worker = Worker(svc, broker_url=url, store=store, exchange=names.exchange)
+    with running(worker):
+        assert worker.ready.wait(60)
+        relay = Relay(store, url, exchange=names.exchange, name=names.exchange)
+        assert relay.publish_pending() == 30
+        wait_for(lambda: worker.counts["processed"] == 30)
+        # A relay that lost its checkpoint publishes everything again.
+        again = Relay(store, url, exchange=names.exchange, name=names.exchange + "-again")
+        assert again.publish_pending() == 30
+        wait_for(lambda: worker.counts["duplicate"] == 30)
+    counts = count_effects(store, effects)
+    assert len(counts) == 30 and set(counts.values()) == {1}
+    assert worker.counts["processed"] == 30
+
+
+def test_a_failing_handler_leaves_no_effect_behind(
+    store: EventStore, bus: tuple[str, Broker]
+) -> None:
+    url, names = bus
+    effects = effects_table(store)
+    svc = names.service("flaky", retry_delay=0.05, max_attempts=3)
+    attempts: list[int] = []
+
+    @svc.handles(UserLoggedIn)
+    def write_then_fail_once(event: UserLoggedIn, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        ctx.connection.execute(sa.insert(effects).values(event_id=str(event.event_id)))
+        if ctx.attempt == 1:
+            raise RuntimeError("first attempt fails after writing")
+
+    (event,) = store.append("u-1", [UserLoggedIn(user_id="1")])
+    worker = Worker(svc, broker_url=url, store=store, exchange=names.exchange)
+    with running(worker):
+        assert worker.ready.wait(60)
+        Relay(store, url, exchange=names.exchange, name=names.exchange).publish_pending()
+        wait_for(lambda: worker.counts["processed"] == 1)
+    assert attempts == [1, 2]
+    assert count_effects(store, effects) == {str(event.event_id): 1}
+    assert worker.counts["retried"] == 1
+
+
+def test_handler_declared_with_classes_dead_letters_other_types(
+    store: EventStore, broker: Broker
+) -> None:
+    svc = broker.service("strict", max_attempts=1)
+    got: list[Any] = []
+    # The class filter applies when only classes are given; a foreign publisher may still send
+    # another event type with the bound routing key.
+    svc.handles(UserLoggedIn)(got.append)
+    worker = Worker(svc, broker_url=broker.url, store=store, exchange=broker.exchange)
+    with running(worker):
+        assert worker.ready.wait(60)
+        other = Counted(n=1)
+        from eventbus.wire import encode
+
+        body, props, headers = encode(other)
+        with kombu.Connection(broker.url) as conn:
+            producer = kombu.Producer(conn.channel())
+            producer.publish(
+                body,
+                exchange=broker.exchange,
+                routing_key="user.logged_in",
+                headers=headers,
+                **props,
+            )
+        wait_for(lambda: worker.counts["dead"] == 1)
+    assert got == []
+    with kombu.Connection(broker.url) as conn:
+        message = conn.SimpleQueue(svc.handlers["append"].dead_letter_queue).get(timeout=10)
+        assert "takes UserLoggedIn, not test.counted" in message.headers["x-dead-reason"]
+        message.ack()
+
+
+def test_relay_keeps_checkpoint_when_broker_is_unreachable(
+    store: EventStore, broker: Broker
+) -> None:
+    store.append("u-1", [UserLoggedIn(user_id="1")])
+    down = Relay(store, "amqp://guest:guest@127.0.0.1:1//", exchange=broker.exchange, name="x")
+    with pytest.raises(Exception):  # noqa: B017 - the transport's own connection error
+        down.publish_pending()
+    assert down.checkpoint() == 0
+    up = Relay(store, broker.url, exchange=broker.exchange, name="x")
+    assert up.publish_pending() == 1  # nothing was lost while the broker was away
+    assert up.checkpoint() == store.head()
+
+
+def test_unroutable_events_are_logged_and_passed(
+    store: EventStore, bus: tuple[str, Broker]
+) -> None:
+    url, names = bus
+    store.append("u-1", [UserLoggedIn(user_id="1")])
+    with structlog.testing.capture_logs() as logs:
+        relay = Relay(store, url, exchange=names.exchange, name=names.exchange)
+        assert relay.publish_pending() == 1
+    unroutable = [line for line in logs if line["event"] == "event.unroutable"]
+    assert len(unroutable) == 1
+    assert unroutable[0]["routing_key"] == "user.logged_in"
+    assert relay.checkpoint() == store.head()
+
+
+def test_worker_log_lines_carry_the_message_context(
+    store: EventStore, bus: tuple[str, Broker]
+) -> None:
+    url, names = bus
+    svc = names.service("logs", retry_delay=0.05, max_attempts=2)
+
+    @svc.handles(UserLoggedIn)
+    def fails_once(event: UserLoggedIn, ctx: Context) -> None:
+        structlog.get_logger("app").info("inside.handler")
+        if ctx.attempt == 1:
+            raise ValueError("boom")
+
+    (event,) = store.append("u-1", [UserLoggedIn(user_id="1")], expected_version=0)
+    merge = [structlog.contextvars.merge_contextvars]  # as configure_logging() does
+    with structlog.testing.capture_logs(processors=merge) as logs:
+        worker = Worker(svc, broker_url=url, store=store, exchange=names.exchange)
+        with running(worker):
+            assert worker.ready.wait(60)
+            Relay(store, url, exchange=names.exchange, name=names.exchange).publish_pending()
+            wait_for(lambda: worker.counts["processed"] == 1)
+    lines = [line for line in logs if line["event"] in ("inside.handler", "event.failed")]
+    assert [line["event"] for line in lines] == ["inside.handler", "event.failed", "inside.handler"]
+    for line in lines:
+        assert line["event_id"] == str(event.event_id)
+        assert line["event_type"] == "user.logged_in"
+        assert line["queue"] == svc.handlers["fails_once"].queue
+        assert line["handler"] == "fails_once"
+        assert line["correlation_id"] == event.correlation_id
+    assert [line["attempt"] for line in lines] == [1, 1, 2]
+
+
+def test_service_definition_errors_name_the_problem() -> None:
+    svc = Service("defs")
+    with pytest.raises(HandlerDefinitionError, match=r"'image\.\*x'"):
+        svc.handles("image.*x")
+    with pytest.raises(HandlerDefinitionError, match="at least one"):
+        svc.handles()
+    with pytest.raises(HandlerDefinitionError, match="handler name '<lambda>'"):
+        svc.handles(UserLoggedIn)(lambda event: None)
+    svc.handles(UserLoggedIn, name="first")(lambda event: None)
+    with pytest.raises(HandlerDefinitionError, match="already registered"):
+        svc.handles(UserLoggedIn, name="first")(lambda event: None)
+    with pytest.raises(HandlerDefinitionError, match="must take the event"):
+        svc.handles(UserLoggedIn, name="noargs")(lambda: None)
+    with pytest.raises(HandlerDefinitionError, match="max_attempts"):
+        Service("x", max_attempts=0)
+    with pytest.raises(HandlerDefinitionError, match="service name"):
+        Service("has space")
+
+
+def test_retry_delays_double_and_name_their_queues() -> None:
+    svc = Service("delays", max_attempts=4, retry_delay=0.5)
+    svc.handles("a.*", name="h")(lambda event: None)
+    handler = svc.handlers["h"]
+    assert handler.retry_delays() == [0.5, 1.0, 2.0]
+    assert [handler.retry_queue(n) for n in (1, 2, 3)] == [
+        "delays.h.retry.500ms",
+        "delays.h.retry.1000ms",
+        "delays.h.retry.2000ms",
+    ]
+
+
+# -- the worker process ------------------------------------------------------------------------
+
+
+def consumer_count(url: str, queue: str) -> int:
+    """How many consumers ``queue`` has (0 if it does not exist yet)."""
+    with kombu.Connection(url) as conn:
+        try:
+            return int(conn.channel().queue_declare(queue, passive=True)[2])
+        except conn.channel_errors:
+            return 0
+
+
+def start_worker(pg_url: str, broker: Broker, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "eventbus",
+            "run",
+            "tests.bus_app:slow",
+            "--broker-url",
+            broker.url,
+            "--database-url",
+            pg_url,
+            "--exchange",
+            broker.exchange,
+        ],
+        cwd=ROOT,
+        env={**os.environ, **env},
+    )
+
+
+def test_sigterm_finishes_the_message_in_flight_and_exits_0(
+    pg_url: str, broker: Broker, tmp_path: Path
+) -> None:
+    store = EventStore(pg_url)
+    table = f"bus_app_{broker.tag}"
+    with store.engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE {table} (event_id TEXT NOT NULL, user_id TEXT)"))
+    shadow = broker.service("slow")  # the worker's queue names, for cleanup and inspection
+    name = shadow.name
+    shadow.handles(UserLoggedIn, name="remember")(lambda e: None)
+    inside = tmp_path / "inside"
+    proc = start_worker(
+        pg_url,
+        broker,
+        {
+            "BUS_APP_SERVICE": name,
+            "BUS_APP_EFFECTS": table,
+            "BUS_APP_INSIDE": str(inside),
+            "BUS_APP_SLEEP": "3",
+        },
+    )
+    try:
+        wait_for(lambda: consumer_count(broker.url, f"{name}.remember") == 1, 60, "the worker")
+        (event,) = store.append("u-1", [UserLoggedIn(user_id="1")])
+        relay = Relay(store, broker.url, exchange=broker.exchange, name=broker.exchange)
+        wait_for(lambda: relay.publish_pending() == 1 or relay.checkpoint() == 1, 60)
+        wait_for(inside.exists, 60, "the handler to start")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.text(f"SELECT event_id FROM {table}")).scalars().all()
+        conn.execute(sa.text(f"DROP TABLE {table}"))
+        conn.commit()
+    assert rows == [str(event.event_id)]  # finished and committed, once
+    with kombu.Connection(broker.url) as conn:  # and acked: nothing left to redeliver
+        _, ready, consumers = conn.channel().queue_declare(f"{name}.remember", passive=True)
+        assert (ready, consumers) == (0, 0)
+    store.close()
+
+
+def test_run_names_what_is_wrong_with_its_target() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "eventbus", "run", "tests.events_fixtures"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "defines 0 Services" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "eventbus", "run", "no_such_module_here"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "cannot import 'no_such_module_here'" in result.stderr
