@@ -51,7 +51,9 @@ def bus(request: pytest.FixtureRequest) -> Iterator[tuple[str, Broker]]:
     yield b.url, b
 
 
-def effects_table(store: EventStore) -> sa.Table:
+@pytest.fixture
+def effects(store: EventStore) -> Iterator[sa.Table]:
+    """A table of handler effects with no unique key, so that a double effect would show."""
     meta = sa.MetaData()
     table = sa.Table(
         f"effects_{uuid.uuid4().hex[:8]}",
@@ -60,7 +62,8 @@ def effects_table(store: EventStore) -> sa.Table:
         sa.Column("event_id", sa.String(36), nullable=False),  # not unique: doubles would show
     )
     meta.create_all(store.engine)
-    return table
+    yield table
+    meta.drop_all(store.engine)
 
 
 def count_effects(store: EventStore, table: sa.Table) -> dict[str, int]:
@@ -72,10 +75,9 @@ def count_effects(store: EventStore, table: sa.Table) -> dict[str, int]:
 
 
 def test_every_stored_event_reaches_its_handlers_once(
-    store: EventStore, bus: tuple[str, Broker]
+    store: EventStore, bus: tuple[str, Broker], effects: sa.Table
 ) -> None:
     url, names = bus
-    effects = effects_table(store)
     svc = names.service("shop")
     logins: list[UserLoggedIn] = []
 
@@ -105,10 +107,9 @@ def test_every_stored_event_reaches_its_handlers_once(
 
 
 def test_republished_events_have_no_second_effect(
-    store: EventStore, bus: tuple[str, Broker]
+    store: EventStore, bus: tuple[str, Broker], effects: sa.Table
 ) -> None:
     url, names = bus
-    effects = effects_table(store)
     svc = names.service("once")
 
     @svc.handles(UserLoggedIn)
@@ -133,10 +134,9 @@ def test_republished_events_have_no_second_effect(
 
 
 def test_a_failing_handler_leaves_no_effect_behind(
-    store: EventStore, bus: tuple[str, Broker]
+    store: EventStore, bus: tuple[str, Broker], effects: sa.Table
 ) -> None:
     url, names = bus
-    effects = effects_table(store)
     svc = names.service("flaky", retry_delay=0.05, max_attempts=3)
     attempts: list[int] = []
 
@@ -311,9 +311,11 @@ def start_worker(pg_url: str, broker: Broker, env: dict[str, str]) -> subprocess
     )
 
 
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)  # emptied afterwards
 def test_sigterm_finishes_the_message_in_flight_and_exits_0(
-    pg_url: str, broker: Broker, tmp_path: Path
+    db_url: str, broker: Broker, tmp_path: Path
 ) -> None:
+    pg_url = db_url
     store = EventStore(pg_url)
     table = f"bus_app_{broker.tag}"
     with store.engine.begin() as conn:

@@ -22,9 +22,18 @@ pg_only = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 
 @pg_only
 def test_an_earlier_insert_that_commits_later_is_not_skipped(store: EventStore) -> None:
-    slow_conn = store.engine.connect()
-    slow_tx = slow_conn.begin()
-    slow = store.append("slow", [Counted(n=1)], connection=slow_conn)  # inserted, not committed
+    with store.engine.connect() as slow_conn:  # closed (rolled back) even if an assert fails
+        slow_tx = slow_conn.begin()
+        slow = store.append("slow", [Counted(n=1)], connection=slow_conn)  # not committed
+        fast = check_the_hazard(store, slow_tx)
+    later = list(store.read_all(from_position=2))
+    assert [(e.event_id, e.position) for e in later] == [(slow[0].event_id, 2)]
+    with store.engine.connect() as conn:
+        ids = dict(conn.execute(sa.select(T.c.event_id, T.c.id)).all())
+    assert ids[slow[0].event_id] < ids[fast[0].event_id]  # the skip a naive reader would make
+
+
+def check_the_hazard(store: EventStore, slow_tx: sa.RootTransaction) -> list[Counted]:
     fast = store.append("fast", [Counted(n=2)])  # inserted later, committed first
 
     # The hazard: by insertion order the slow event comes first, yet it is invisible now, so a
@@ -35,14 +44,8 @@ def test_an_earlier_insert_that_commits_later_is_not_skipped(store: EventStore) 
 
     seen = list(store.read_all())
     assert [(e.event_id, e.position) for e in seen] == [(fast[0].event_id, 1)]
-
     slow_tx.commit()
-    slow_conn.close()
-    later = list(store.read_all(from_position=seen[-1].position + 1))
-    assert [(e.event_id, e.position) for e in later] == [(slow[0].event_id, 2)]
-    with store.engine.connect() as conn:
-        ids = dict(conn.execute(sa.select(T.c.event_id, T.c.id)).all())
-    assert ids[slow[0].event_id] < ids[fast[0].event_id]  # the skip a naive reader would make
+    return fast
 
 
 @pg_only
