@@ -38,13 +38,14 @@ import traceback
 from collections.abc import Iterator
 from typing import Any
 
+import amqp.exceptions
 import kombu
 import kombu.exceptions
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.dialects import postgresql, sqlite
 
-from eventbus.errors import MalformedMessage
+from eventbus.errors import BusError, MalformedMessage
 from eventbus.events import Event
 from eventbus.logging import redact
 from eventbus.publisher import Publisher, PublishError, declare_exchange, is_amqp
@@ -123,6 +124,7 @@ class Worker:
         self.max_backoff = max_backoff
         self.counts = {"processed": 0, "duplicate": 0, "retried": 0, "dead": 0}
         self.ready = threading.Event()  # set while consuming
+        self.error: BaseException | None = None  # why run() gave up, if it did
         self._stop = threading.Event()
         self._generation = 0
         self._jobs: queues.Queue[_Job | None] = queues.Queue()
@@ -173,6 +175,10 @@ class Worker:
                         retry_in=round(delay, 2),
                     )
                     self._stop.wait(delay)
+        except BaseException as exc:
+            self.error = exc
+            self._log.error("worker.failed", error=redact(f"{type(exc).__name__}: {exc}"))
+            raise
         finally:
             for _ in threads:
                 self._jobs.put(None)
@@ -183,13 +189,16 @@ class Worker:
     def start(self) -> Worker:
         """Run in a daemon thread of this process; ``ready`` is set once it consumes."""
         self._thread = threading.Thread(
-            target=self.run,
-            kwargs={"install_signal_handlers": False},
+            target=self._run_in_thread,
             name=f"eventbus-worker-{self.service.name}",
             daemon=True,
         )
         self._thread.start()
         return self
+
+    def _run_in_thread(self) -> None:
+        with contextlib.suppress(Exception):  # recorded in self.error and logged by run()
+            self.run(install_signal_handlers=False)
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop taking messages, finish and ack the in-flight ones, disconnect."""
@@ -217,7 +226,15 @@ class Worker:
                 generation = self._generation
             channel = conn.channel()
             publisher = Publisher(conn, "")  # retries and dead letters, confirmed
-            self._declare(conn, channel)
+            try:
+                self._declare(conn, channel)
+            except amqp.exceptions.PreconditionFailed as exc:
+                # A queue exists with other arguments (classic vs quorum, another TTL): retrying
+                # cannot fix that, a person must.
+                raise BusError(
+                    f"service {self.service.name}: cannot declare its queues: {exc}. "
+                    "Delete the queue or use the queue type it was declared with."
+                ) from exc
             channel.basic_qos(0, self.prefetch, False)
             consumers = []
             for handler in self.service.handlers.values():

@@ -374,3 +374,46 @@ def test_run_names_what_is_wrong_with_its_target() -> None:
         timeout=60,
     )
     assert result.returncode == 2 and "cannot import 'no_such_module_here'" in result.stderr
+
+
+def test_quorum_queues_are_a_setting(store: EventStore, broker: Broker) -> None:
+    svc = broker.service("quorum", retry_delay=0.05, max_attempts=2)
+    got: list[int] = []
+
+    @svc.handles(Counted)
+    def count(event: Counted, ctx: Context) -> None:
+        if ctx.attempt == 1 and event.n == 0:
+            raise RuntimeError("retried through a quorum delay queue")
+        got.append(event.n)
+
+    worker = Worker(
+        svc, broker_url=broker.url, store=store, exchange=broker.exchange, queue_type="quorum"
+    )
+    with running(worker):
+        assert worker.ready.wait(60)
+        store.append("c", [Counted(n=i) for i in range(3)])
+        Relay(store, broker.url, exchange=broker.exchange, name=broker.exchange).publish_pending()
+        wait_for(lambda: worker.counts["processed"] == 3)
+    assert sorted(got) == [0, 1, 2]
+    with kombu.Connection(broker.url) as conn:
+        channel = conn.channel()
+        # Redeclaring with the other type fails: the queue really is a quorum queue.
+        with pytest.raises(conn.channel_errors, match="x-queue-type"):
+            channel.queue_declare(svc.handlers["count"].queue, durable=True, auto_delete=False)
+
+
+def test_a_queue_of_another_type_stops_the_worker_with_the_reason(
+    store: EventStore, broker: Broker
+) -> None:
+    svc = broker.service("mismatch")
+    svc.handles(Counted, name="count")(lambda event: None)
+    with kombu.Connection(broker.url) as conn:
+        conn.channel().queue_declare(svc.handlers["count"].queue, durable=True, auto_delete=False)
+    worker = Worker(
+        svc, broker_url=broker.url, store=store, exchange=broker.exchange, queue_type="quorum"
+    )
+    worker.start()
+    wait_for(lambda: worker.error is not None, 60, "the worker to give up")
+    worker.stop()
+    assert "cannot declare its queues" in str(worker.error)
+    assert "queue type" in str(worker.error)
