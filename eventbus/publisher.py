@@ -21,8 +21,11 @@ from typing import Any
 import amqp
 import kombu
 
+from eventbus import _amqp
 from eventbus.errors import BusError
 from eventbus.wire import Message
+
+_amqp.install()  # undecodable properties become a malformed message, not a dead connection
 
 
 class PublishError(BusError):

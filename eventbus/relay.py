@@ -83,8 +83,10 @@ class Relay:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._log = log.bind(relay=name, exchange=exchange)
-        payload = sa.cast(T.c.payload, sa.Text) if store.engine.dialect.name != "sqlite" else (
-            sa.func.json(T.c.payload)
+        payload = (
+            sa.cast(T.c.payload, sa.Text)
+            if store.engine.dialect.name != "sqlite"
+            else (sa.func.json(T.c.payload))
         )
         self._query = sa.select(*_COLUMNS, payload.label("body")).order_by(T.c.position)
 
@@ -108,14 +110,23 @@ class Relay:
     # -- publishing --------------------------------------------------------------------------
 
     def _pending(self, after: int) -> Sequence[Any]:
+        """Up to a window of events after ``after``: what is numbered, plus what gets numbered.
+
+        A short read means the relay is at the head: the events committed but not yet given a
+        position are numbered (``sequence``) and read once more, then published at once rather
+        than waiting for a full window.
+        """
+        rows = self._read(after)
+        if len(rows) < self.window and self.store.sequence():
+            rows = self._read(after)
+        return rows
+
+    def _read(self, after: int) -> Sequence[Any]:
         query = self._query.where(T.c.position > after).limit(self.window)
         with self.store.engine.connect() as conn:
             if self.store.engine.dialect.name == "sqlite":
                 conn = conn.execution_options(sqlite_begin="DEFERRED")
-            rows = conn.execute(query).all()
-        if len(rows) < self.window and self.store.sequence():
-            return self._pending(after)
-        return rows
+            return conn.execute(query).all()
 
     def _publish_window(self, publisher: Publisher, after: int) -> int:
         """Publish the next window after position ``after``; returns the new checkpoint."""
@@ -241,4 +252,3 @@ def _message(row: Any) -> Message:
         stream_version=row.stream_version,
         position=row.position,
     )
-

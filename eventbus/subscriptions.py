@@ -11,13 +11,16 @@ def make_thumbnails(event: NewImage, ctx: Context) -> None:
 Each handler gets its own durable queue ``<service>.<handler>`` bound to the application's topic
 exchange with its patterns (an event class stands for its routing key), a delay queue per retry
 (``<queue>.retry.<ms>``: TTL, then dead-lettered back to the queue) and ``<queue>.dead``.
-A handler takes the event, or the event and a ``Context`` (its database connection, attempt, log).
+A handler takes the event, or the event and a ``Context`` (its database connection, attempt, log);
+it may be ``async def``: the worker runs the coroutine to completion on its handler thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -137,7 +140,21 @@ class Handler:
         return not self.event_classes or isinstance(event, self.event_classes)
 
     def __call__(self, event: Event, ctx: Context) -> Any:
-        return self.function(event, ctx) if self.wants_context else self.function(event)
+        result = self.function(event, ctx) if self.wants_context else self.function(event)
+        if inspect.isawaitable(result):  # an ``async def`` handler: run it to completion here
+            return _event_loop().run_until_complete(result)
+        return result
+
+
+_loops = threading.local()
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """This thread's event loop for async handlers (a worker's handler threads keep theirs)."""
+    loop: asyncio.AbstractEventLoop | None = getattr(_loops, "loop", None)
+    if loop is None or loop.is_closed():
+        loop = _loops.loop = asyncio.new_event_loop()
+    return loop
 
 
 class Service:
@@ -234,9 +251,7 @@ def _wants_context(service: str, name: str, function: HandlerFunction) -> bool:
         params = list(inspect.signature(function).parameters.values())
     except (TypeError, ValueError):
         return False
-    positional = [
-        p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if any(p.kind == p.VAR_POSITIONAL for p in params) or len(positional) >= 2:
         return True
     if len(positional) == 1:

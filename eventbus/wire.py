@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from eventbus._amqp import UNDECODABLE
 from eventbus.errors import EventError, MalformedMessage
 from eventbus.events import Event, decode_event, dumps, encode_payload, event_class, loads
 
@@ -101,6 +102,9 @@ def decode(body: bytes | str, properties: Mapping[str, Any], headers: Mapping[st
     ``schema_version`` may be left out by foreign publishers: it then means the current version.
     ``occurred_at`` falls back to the ``timestamp`` property.
     """
+    undecodable = headers.get(UNDECODABLE)
+    if undecodable:
+        raise MalformedMessage(str(undecodable))
     type_name = _text(properties.get("type"))
     if not type_name:
         raise MalformedMessage("no 'type' property: not an eventbus event")
@@ -126,6 +130,8 @@ def decode(body: bytes | str, properties: Mapping[str, Any], headers: Mapping[st
         payload = loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedMessage(f"{type_name} {event_id}: body is not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedMessage(f"{type_name} {event_id}: body JSON is nested too deep") from None
     for name in _HEADER_INTS:
         value = headers.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
@@ -146,12 +152,19 @@ def decode(body: bytes | str, properties: Mapping[str, Any], headers: Mapping[st
         )
     except EventError as exc:
         raise MalformedMessage(str(exc)) from None
+    except Exception as exc:  # an upcaster or a field's validator that raised
+        raise MalformedMessage(
+            f"{type_name} {event_id}: decoding failed: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _occurred_at(
     type_name: str, event_id: uuid.UUID, properties: Mapping[str, Any], headers: Mapping[str, Any]
 ) -> dt.datetime:
-    raw = _text(headers.get("occurred_at"))
+    header = headers.get("occurred_at")
+    if isinstance(header, dt.datetime):  # an AMQP timestamp field: seconds, UTC
+        return header if header.tzinfo else header.replace(tzinfo=dt.UTC)
+    raw = _text(header)
     if raw:
         try:
             moment = dt.datetime.fromisoformat(raw)
@@ -168,7 +181,13 @@ def _occurred_at(
     if isinstance(stamp, dt.datetime):
         return stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.UTC)
     if isinstance(stamp, int | float) and not isinstance(stamp, bool):
-        return dt.datetime.fromtimestamp(stamp, dt.UTC)
+        try:
+            return dt.datetime.fromtimestamp(stamp, dt.UTC)
+        except (ValueError, OverflowError, OSError):
+            raise MalformedMessage(
+                f"{type_name} {event_id}: 'timestamp' property {stamp} is not a time in seconds "
+                "(and there is no 'occurred_at' header)"
+            ) from None
     raise MalformedMessage(
         f"{type_name} {event_id}: neither an 'occurred_at' header nor a 'timestamp' property"
     )

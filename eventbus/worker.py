@@ -77,6 +77,7 @@ class _Job:
     reason: str = ""
     exception: BaseException | None = None
     event: Event | None = None
+    finished: bool = False  # handed to the connection's thread
 
 
 class Worker:
@@ -278,7 +279,10 @@ class Worker:
             if virtual:
                 patterns = set().union(*(virtual_patterns(p) for p in patterns))
             queue = kombu.Queue(
-                handler.queue, durable=True, auto_delete=False, queue_arguments=args,
+                handler.queue,
+                durable=True,
+                auto_delete=False,
+                queue_arguments=args,
                 channel=channel,
             )
             queue.declare()
@@ -290,8 +294,11 @@ class Worker:
                 queue.bind_to(exchange, routing_key=pattern)
             self._record_bindings(handler.queue, patterns)
             kombu.Queue(
-                handler.dead_letter_queue, durable=True, auto_delete=False,
-                queue_arguments=args, channel=channel,
+                handler.dead_letter_queue,
+                durable=True,
+                auto_delete=False,
+                queue_arguments=args,
+                channel=channel,
             ).declare()
             if virtual:
                 continue  # retries are timers in this process (no TTL on virtual transports)
@@ -342,6 +349,18 @@ class Worker:
                     self._retry(publisher, job)
                 else:
                     self._dead_letter(publisher, job, job.reason)
+            except _recoverable():
+                raise
+            except Exception as exc:
+                # Its headers could not be sent back (a value AMQP cannot encode, say): dead-letter
+                # it with the body, its properties and only eventbus's own headers.
+                self._dead_letter(
+                    publisher,
+                    job,
+                    f"{job.reason or job.outcome}; its headers could not be republished "
+                    f"({type(exc).__name__}: {exc})",
+                    keep_headers=False,
+                )
             finally:
                 with self._lock:
                     self._in_flight -= 1
@@ -349,7 +368,7 @@ class Worker:
     def _retry(self, publisher: Publisher, job: _Job) -> None:
         handler, message = job.handler, job.message
         headers = dict(message.headers or {})
-        attempt = _int(headers.get("x-attempts"), 0) + 1
+        attempt = _attempt(headers, handler.max_attempts)
         now = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
         exc = job.exception
         headers.setdefault("x-first-failure-at", now)
@@ -359,18 +378,18 @@ class Worker:
         headers["x-exception-message"] = _truncate(str(exc) if exc else job.reason)
         bound = self._log.bind(**_context(job, attempt))
         if attempt >= handler.max_attempts:
-            self.counts["dead"] += 1
-            publisher.publish([(handler.dead_letter_queue, _republish(message, headers))])
+            _publish(publisher, handler.dead_letter_queue, _republish(message, headers))
             message.ack()
+            self._count("dead")
             bound.error("event.dead_lettered", reason="attempts exhausted", **_exc_fields(exc))
             return
         delay = handler.retry_delays()[attempt - 1]
-        self.counts["retried"] += 1
         if is_amqp(publisher.connection):
-            publisher.publish([(handler.retry_queue(attempt), _republish(message, headers))])
+            _publish(publisher, handler.retry_queue(attempt), _republish(message, headers))
         else:
             self._retry_in_process(handler.queue, _republish(message, headers), delay)
         message.ack()
+        self._count("retried")
         bound.warning("event.retry_scheduled", retry_in=delay, **_exc_fields(exc))
 
     def _retry_in_process(self, queue: str, msg: Message, delay: float) -> None:
@@ -385,16 +404,18 @@ class Worker:
         timer.daemon = True
         timer.start()
 
-    def _dead_letter(self, publisher: Publisher, job: _Job, reason: str) -> None:
+    def _dead_letter(
+        self, publisher: Publisher, job: _Job, reason: str, *, keep_headers: bool = True
+    ) -> None:
         handler, message = job.handler, job.message
-        headers = dict(message.headers or {})
+        headers = dict(message.headers or {}) if keep_headers else {}
         headers["x-dead-reason"] = _truncate(reason)
         headers.setdefault("x-original-routing-key", _routing_key(message))
         headers["x-failed-at"] = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
         headers["x-queue"] = handler.queue
-        publisher.publish([(handler.dead_letter_queue, _republish(message, headers))])
+        _publish(publisher, handler.dead_letter_queue, _republish(message, headers))
         message.ack()
-        self.counts["dead"] += 1
+        self._count("dead")
         self._log.error(
             "message.dead_lettered",
             queue=handler.queue,
@@ -426,14 +447,31 @@ class Worker:
             live = []
             for job in batch:
                 if job.generation != current:
-                    self._done.put(job)  # dropped by _settle; the broker redelivers it
+                    self._finish(job)  # dropped by _settle; the broker redelivers it
                 elif self._stop.is_set():
                     job.outcome = "requeue"  # prefetched, not started: back to the queue
-                    self._done.put(job)
+                    self._finish(job)
                 else:
                     live.append(job)
-            if live:
+            if not live:
+                continue
+            try:
                 self._handle_batch(live)
+            except Exception as exc:  # a bug of ours: never lose the messages or this thread
+                self._log.exception("worker.batch_failed", error=f"{type(exc).__name__}: {exc}")
+                time.sleep(1.0)
+                for job in live:
+                    if not job.finished:
+                        job.outcome = "requeue"
+                        self._finish(job)
+
+    def _finish(self, job: _Job) -> None:
+        job.finished = True
+        self._done.put(job)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += n
 
     def _handle_batch(self, batch: list[_Job]) -> None:
         good: list[_Job] = []
@@ -443,36 +481,65 @@ class Worker:
                 job.event = decode(job.message.body, props, job.message.headers or {})
             except MalformedMessage as exc:
                 job.outcome, job.reason = "dead", exc.reason
-                self._done.put(job)
+                self._finish(job)
+                continue
+            except Exception as exc:  # whatever else a hostile message makes the decoder raise
+                job.outcome = "dead"
+                job.reason = f"cannot be decoded: {type(exc).__name__}: {exc}"
+                self._finish(job)
                 continue
             if not job.handler.accepts(job.event):
                 job.outcome = "dead"
                 names = ", ".join(c.__name__ for c in job.handler.event_classes)
                 job.reason = f"handler {job.handler.queue} takes {names}, not {job.event.type}"
-                self._done.put(job)
+                self._finish(job)
                 continue
             good.append(job)
-        if not good:
-            return
-        for attempt in range(3):
-            try:
-                self._run_handlers(good)
-                break
-            except sa.exc.DBAPIError as exc:
-                # The database failed (not a handler): nothing was committed; try again, then
-                # give the messages back to the broker.
-                self._log.warning(
-                    "worker.database_error", error=redact(str(exc.orig)), attempt=attempt + 1
-                )
-                time.sleep(0.5 * (attempt + 1))
-        else:
+        if good:
+            self._run_safely(good)
             for job in good:
+                self._finish(job)
+
+    def _run_safely(self, jobs: list[_Job]) -> None:
+        """Run a batch; a database error other than a lost connection is pinned on one event.
+
+        Connection errors are retried, then the messages go back to the broker. Any other
+        database error (a constraint an effect violates at commit, say) runs the batch again one
+        event per transaction: the event whose transaction fails is retried and dead-lettered
+        like a handler exception; the others commit.
+        """
+        error: sa.exc.DBAPIError | None = None
+        for attempt in range(1, 4):
+            try:
+                self._run_handlers(jobs)
+                return
+            except sa.exc.DBAPIError as exc:
+                error = exc
+                self._log.warning(
+                    "worker.database_error",
+                    error=redact(f"{type(exc).__name__}: {exc.orig}"),
+                    attempt=attempt,
+                    events=len(jobs),
+                )
+                if not _connectivity(exc):
+                    break
+                time.sleep(0.5 * attempt)
+        else:
+            for job in jobs:
                 job.outcome = "requeue"
-        for job in good:
-            self._done.put(job)
+            return
+        if len(jobs) == 1:
+            (job,) = jobs
+            job.outcome, job.exception = "retry", error
+            job.reason = f"{type(error).__name__}: {error.orig if error else ''}"
+            return
+        for job in jobs:
+            self._run_safely([job])
 
     def _run_handlers(self, jobs: list[_Job]) -> None:
         now = dt.datetime.now(dt.UTC)
+        for job in jobs:
+            job.outcome, job.reason, job.exception = "", "", None
         with self.store.engine.connect() as db, db.begin():
             fresh: set[Any] = set()
             by_handler: dict[str, list[_Job]] = {}
@@ -497,19 +564,20 @@ class Worker:
                 if key not in fresh:
                     job.outcome = "ack"
                     job.reason = "duplicate"
-                    self.counts["duplicate"] += 1
-                    self._log.info("event.duplicate_skipped", **_context(job, None))
                     continue
                 fresh.discard(key)  # the same event twice in one batch runs once
                 self._run_one(db, job)
-        for job in jobs:
-            if job.outcome == "ack" and job.reason != "duplicate":
-                self.counts["processed"] += 1
+        for job in jobs:  # committed
+            if job.reason == "duplicate":
+                self._count("duplicate")
+                self._log.info("event.duplicate_skipped", **_context(job, None))
+            elif job.outcome == "ack":
+                self._count("processed")
 
     def _run_one(self, db: Any, job: _Job) -> None:
         assert job.event is not None
         handler = job.handler
-        attempt = _int((job.message.headers or {}).get("x-attempts"), 0) + 1
+        attempt = _attempt(job.message.headers or {}, handler.max_attempts)
         context = _context(job, attempt)
         bound = self._log.bind(**context)
         ctx = Context(
@@ -524,6 +592,8 @@ class Worker:
         try:
             with structlog.contextvars.bound_contextvars(**context):
                 handler(job.event, ctx)
+            if ctx._savepoint is not None and ctx._savepoint.is_active:
+                ctx._savepoint.commit()
         except Exception as exc:
             if ctx._savepoint is not None and ctx._savepoint.is_active:
                 ctx._savepoint.rollback()
@@ -534,8 +604,6 @@ class Worker:
             job.reason = "".join(traceback.format_exception_only(exc)).strip()
             bound.warning("event.failed", error=redact(job.reason))
             return
-        if ctx._savepoint is not None and ctx._savepoint.is_active:
-            ctx._savepoint.commit()
         job.outcome = "ack"
         bound.debug("event.handled", ms=round((time.perf_counter() - started) * 1000, 2))
 
@@ -552,6 +620,25 @@ def _recoverable() -> tuple[type[BaseException], ...]:
         sa.exc.InterfaceError,
         kombu.exceptions.OperationalError,
     )
+
+
+def _connectivity(exc: sa.exc.DBAPIError) -> bool:
+    """A lost or unavailable database (worth waiting for), not an error of the statements."""
+    return exc.connection_invalidated or isinstance(
+        exc, sa.exc.OperationalError | sa.exc.InterfaceError
+    )
+
+
+def _publish(publisher: Publisher, queue: str, message: Message) -> None:
+    """Publish to a queue by name; a queue that is gone is an error (reconnect, redeclare)."""
+    if publisher.publish([(queue, message)]):
+        raise PublishError(f"queue {queue!r} does not exist: the message was returned")
+
+
+def _attempt(headers: Any, max_attempts: int) -> int:
+    """This delivery's attempt, from ``x-attempts`` (failures so far), within 1..max_attempts."""
+    failures = _int(headers.get("x-attempts"), 0)
+    return min(max(failures, 0), max_attempts - 1) + 1
 
 
 def _processed_insert(dialect: str) -> Any:

@@ -6,6 +6,7 @@ the wire format and interop with plain AMQP clients in test_wire.py.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -23,6 +24,8 @@ import structlog
 
 from eventbus import EventStore, HandlerDefinitionError, Relay, Service, Worker
 from eventbus.subscriptions import Context
+from eventbus.tables import metadata
+from eventbus.wire import encode
 from eventbus.worker import running
 from tests.conftest import Broker
 from tests.events_fixtures import Counted, ImageUploaded, UserLoggedIn
@@ -417,3 +420,143 @@ def test_a_queue_of_another_type_stops_the_worker_with_the_reason(
     worker.stop()
     assert "cannot declare its queues" in str(worker.error)
     assert "queue type" in str(worker.error)
+
+
+def test_async_handlers_are_awaited_with_the_same_guarantees(
+    store: EventStore, bus: tuple[str, Broker], effects: sa.Table
+) -> None:
+    url, names = bus
+    svc = names.service("coro", retry_delay=0.05, max_attempts=3)
+    attempts: list[int] = []
+
+    @svc.handles(UserLoggedIn)
+    async def remember(event: UserLoggedIn, ctx: Context) -> None:
+        await asyncio.sleep(0.001)
+        attempts.append(ctx.attempt)
+        ctx.connection.execute(sa.insert(effects).values(event_id=str(event.event_id)))
+        if event.user_id == "flaky" and ctx.attempt == 1:
+            raise RuntimeError("the first attempt fails after writing")
+
+    stored = store.append("u-1", [UserLoggedIn(user_id="steady"), UserLoggedIn(user_id="flaky")])
+    worker = Worker(svc, broker_url=url, store=store, exchange=names.exchange)
+    with running(worker):
+        assert worker.ready.wait(60)
+        Relay(store, url, exchange=names.exchange, name=names.exchange).publish_pending()
+        wait_for(lambda: worker.counts["processed"] == 2, what="both events processed")
+    assert sorted(attempts) == [1, 1, 2]  # steady once; flaky failed once, then succeeded
+    assert count_effects(store, effects) == {str(e.event_id): 1 for e in stored}
+    assert worker.counts == {"processed": 2, "duplicate": 0, "retried": 1, "dead": 0}
+
+
+def test_a_deleted_retry_queue_is_declared_again_and_nothing_is_lost(
+    store: EventStore, broker: Broker, effects: sa.Table
+) -> None:
+    svc = broker.service("gone", retry_delay=0.05, max_attempts=3)
+    attempts: list[int] = []
+
+    @svc.handles(UserLoggedIn)
+    def fail_first(event: UserLoggedIn, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise RuntimeError("first attempt fails")
+        ctx.connection.execute(sa.insert(effects).values(event_id=str(event.event_id)))
+
+    retry_queue = svc.handlers["fail_first"].retry_queue(1)
+    (event,) = store.append("u-1", [UserLoggedIn(user_id="1")])
+    worker = Worker(svc, broker_url=broker.url, store=store, exchange=broker.exchange)
+    with running(worker):
+        assert worker.ready.wait(60)
+        with kombu.Connection(broker.url) as conn:
+            conn.channel().queue_delete(retry_queue)
+        Relay(store, broker.url, exchange=broker.exchange, name=broker.exchange).publish_pending()
+        wait_for(lambda: worker.counts["processed"] == 1, 120, "the event processed")
+    assert worker.error is None
+    # The retry came back unroutable: not acked, the worker reconnected and declared its queues
+    # again, the redelivery failed again and its retry went through.
+    assert attempts == [1, 1, 2]
+    assert count_effects(store, effects) == {str(event.event_id): 1}
+
+
+def test_attempt_headers_out_of_range_are_clamped(store: EventStore, broker: Broker) -> None:
+    svc = broker.service("clamp", retry_delay=0.05, max_attempts=3)
+    seen: dict[str, int] = {}
+
+    @svc.handles(UserLoggedIn)
+    def record(event: UserLoggedIn, ctx: Context) -> None:
+        seen[event.user_id] = ctx.attempt
+        if event.user_id == "fail":
+            raise RuntimeError("always")
+
+    worker = Worker(svc, broker_url=broker.url, store=store, exchange=broker.exchange)
+    sent = {"negative": -7, "huge": 10**9, "text": "two", "fail": 10**9}
+    with running(worker):
+        assert worker.ready.wait(60)
+        with kombu.Connection(broker.url) as conn:
+            producer = conn.Producer()
+            for user, attempts in sent.items():
+                body, properties, headers = encode(UserLoggedIn(user_id=user))
+                producer.publish(
+                    body,
+                    exchange=broker.exchange,
+                    routing_key=UserLoggedIn.routing_key,
+                    headers={**headers, "x-attempts": attempts},
+                    **properties,
+                )
+        wait_for(lambda: worker.counts["processed"] == 3 and worker.counts["dead"] == 1)
+    assert worker.error is None
+    assert seen == {"negative": 1, "huge": 3, "text": 1, "fail": 3}
+    assert worker.counts["retried"] == 0  # the failing one was on its last attempt already
+    with kombu.Connection(broker.url) as conn:
+        letter = conn.SimpleQueue(svc.handlers["record"].dead_letter_queue).get(timeout=10)
+        assert letter.headers["x-attempts"] == 3
+        letter.ack()
+
+
+def test_an_effect_that_fails_at_commit_is_pinned_on_its_event(pg_url: str, broker: Broker) -> None:
+    """A deferred constraint breaks the batch's commit: the others commit, that one retries."""
+    store = EventStore(pg_url)
+    table = f"deferred_{uuid.uuid4().hex[:8]}"
+    with store.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"CREATE TABLE {table} (event_id text, k text, "
+                f"CONSTRAINT {table}_k UNIQUE (k) DEFERRABLE INITIALLY DEFERRED)"
+            )
+        )
+        conn.execute(sa.text(f"INSERT INTO {table} VALUES ('', 'taken')"))
+    svc = broker.service("deferred", retry_delay=0.05, max_attempts=2)
+
+    @svc.handles(UserLoggedIn)
+    def claim(event: UserLoggedIn, ctx: Context) -> None:
+        ctx.connection.execute(
+            sa.text(f"INSERT INTO {table} VALUES (:e, :k)"),
+            {"e": str(event.event_id), "k": event.user_id},
+        )
+
+    try:
+        users = ["a", "b", "taken", "c", "d"]
+        stored = store.append("claims", [UserLoggedIn(user_id=u) for u in users])
+        worker = Worker(svc, broker_url=broker.url, store=store, exchange=broker.exchange)
+        with running(worker):
+            assert worker.ready.wait(60)
+            Relay(
+                store, broker.url, exchange=broker.exchange, name=broker.exchange
+            ).publish_pending()
+            wait_for(lambda: worker.counts["processed"] == 4 and worker.counts["dead"] == 1)
+        assert worker.error is None
+        with store.engine.connect() as conn:
+            rows = conn.execute(sa.text(f"SELECT event_id, k FROM {table} ORDER BY k")).all()
+        good = {str(e.event_id): e.user_id for e in stored if e.user_id != "taken"}
+        assert sorted((r.event_id, r.k) for r in rows if r.event_id) == sorted(good.items())
+        with kombu.Connection(broker.url) as conn:
+            dead = svc.handlers["claim"].dead_letter_queue
+            letter = conn.SimpleQueue(dead).get(timeout=10)
+            assert letter.headers["x-exception"] == "IntegrityError"
+            assert letter.properties["message_id"] == str(stored[2].event_id)
+            letter.ack()
+    finally:
+        with store.engine.begin() as conn:
+            conn.execute(sa.text(f"DROP TABLE {table}"))
+            for t in reversed(metadata.sorted_tables):
+                conn.execute(sa.text(f"TRUNCATE {t.name} RESTART IDENTITY"))
+        store.close()

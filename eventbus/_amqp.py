@@ -1,0 +1,48 @@
+"""Make py-amqp survive message properties it cannot decode.
+
+py-amqp decodes a delivery's properties while reading frames: a short string that is not UTF-8
+(``type``, ``message_id``, ...) or a header timestamp out of ``datetime``'s range raises inside
+``drain_events``, which would tear down the worker's connection and, since the broker redelivers
+the unacked message, do so forever. The wrapper installed here catches those errors and gives the
+message a single header, ``x-eventbus-undecodable``, with the reason (and the raw property bytes
+in hex, truncated); ``eventbus.wire.decode`` turns that into ``MalformedMessage``, so the message
+is dead-lettered with its body like any other garbage. Properties py-amqp can decode are left
+untouched.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import amqp.serialization
+import amqp.spec
+
+UNDECODABLE = "x-eventbus-undecodable"
+RAW = "x-eventbus-raw-properties"
+_RAW_LIMIT = 8192  # hex characters kept: a dead letter's headers must fit in one frame
+
+
+def _tolerant(original: Any) -> Any:
+    def decode_properties(buf: bytes, offset: int) -> tuple[dict[str, Any], int]:
+        try:
+            properties, end = original(buf, offset)
+        except (UnicodeDecodeError, ValueError, OverflowError, OSError, struct.error) as exc:
+            raw = bytes(buf[offset:]).hex()
+            headers = {
+                UNDECODABLE: f"AMQP properties cannot be decoded ({type(exc).__name__}: {exc})",
+                RAW: raw[:_RAW_LIMIT],
+            }
+            return {"application_headers": headers}, len(buf)
+        return properties, end
+
+    decode_properties.eventbus_tolerant = True  # type: ignore[attr-defined]
+    return decode_properties
+
+
+def install() -> None:
+    """Wrap py-amqp's decoder of basic properties (idempotent)."""
+    classes = amqp.serialization.PROPERTY_CLASSES
+    current = classes[amqp.spec.Basic.CLASS_ID]
+    if not getattr(current, "eventbus_tolerant", False):
+        classes[amqp.spec.Basic.CLASS_ID] = _tolerant(current)
