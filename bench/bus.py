@@ -656,7 +656,11 @@ def main() -> None:
     parser.add_argument(
         "--paced-appenders", type=int, default=4, help="appender processes (paced run)"
     )
+    parser.add_argument(
+        "--only", default="relay,worker,e2e", help="rows to run: relay, worker, e2e (comma list)"
+    )
     args = parser.parse_args()
+    only = set(args.only.split(","))
     args.windows = [int(w) for w in args.windows.split(",")]
     configure_logging("WARNING")
     bench: Bench | None = None
@@ -667,19 +671,25 @@ def main() -> None:
                 bench = Bench(args, url)
                 print(f"{versions(bench)}; N = {args.events:,} events of ~1 KB", flush=True)
                 messages = store_events(bench, args.events)
-                rows += relay_rows(bench_relay(bench, messages))
-                raw = bench_raw_consume(bench, messages)
-                w1 = bench_worker(bench, 1)
-                w2 = bench_worker(bench, 2)
-                rows.append(row("worker, prefetch 100, concurrency 1", w1, raw, ">= 70%", 0.7))
-                rows.append(row("worker, prefetch 100, concurrency 2", w2, raw, "", None))
-                e2e = bench_end_to_end(bench)
+                if "relay" in only:
+                    rows += relay_rows(bench_relay(bench, messages))
+                if "worker" in only:
+                    raw = bench_raw_consume(bench, messages)
+                    w1 = bench_worker(bench, 1)
+                    w2 = bench_worker(bench, 2)
+                    rows.append(row("worker, prefetch 100, concurrency 1", w1, raw, ">= 70%", 0.7))
+                    rows.append(row("worker, prefetch 100, concurrency 2", w2, raw, "", None))
+                e2e = bench_end_to_end(bench) if "e2e" in only else None
             finally:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
                 if bench is not None:
                     bench.cleanup()
     except KeyboardInterrupt:
         raise SystemExit("interrupted; everything the run declared was deleted") from None
+    if e2e is None:
+        print()
+        print_table(rows)
+        return
     rows += e2e_rows(args, e2e)
     print()
     print(f"N = {args.events:,} events of ~1 KB per row. Relay and worker rows: in this process,")

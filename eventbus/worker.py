@@ -4,7 +4,8 @@ One thread owns the broker connection: it declares the topology, receives messag
 retries and dead letters, and keeps AMQP heartbeats flowing. Handlers run on ``concurrency``
 other threads, so a slow handler never starves the heartbeat.
 
-For each batch of messages a handler thread takes (up to ``batch_size``, whatever is there):
+For each batch of messages a handler thread takes (up to ``batch_size``, by default half the
+prefetch: whatever arrives without a pause of a millisecond, for at most 10 ms):
 1. decode; a malformed message (not JSON, unknown type, invalid fields, unsupported version)
    goes to ``<queue>.dead`` at once with the reason in ``x-dead-reason``;
 2. in one database transaction, record every event as processed by this handler (insert, on
@@ -29,13 +30,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import os
 import queue as queues
 import random
+import select
 import signal
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import amqp.exceptions
@@ -43,7 +46,7 @@ import kombu
 import kombu.exceptions
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 
 from eventbus.errors import BusError, MalformedMessage
 from eventbus.events import Event
@@ -56,6 +59,11 @@ from eventbus.tables import processed as P
 from eventbus.wire import Message, decode
 
 log = structlog.get_logger("eventbus.worker")
+
+# A handler thread collects a batch while messages keep coming (each within _GAP seconds of the
+# last), for at most _LINGER seconds: big batches under load, ~1 ms added when idle.
+_LINGER = 0.010
+_GAP = 0.001
 
 _PROPERTIES = (
     "message_id",
@@ -72,7 +80,7 @@ _PROPERTIES = (
 class _Job:
     generation: int
     handler: Handler
-    message: Any  # kombu.Message
+    message: _Delivery
     outcome: str = ""  # ack | retry | dead | requeue
     reason: str = ""
     exception: BaseException | None = None
@@ -97,7 +105,7 @@ class Worker:
         exchange: str = "eventbus",
         prefetch: int = 100,
         concurrency: int = 1,
-        batch_size: int = 100,
+        batch_size: int | None = None,
         heartbeat: int = 30,
         queue_type: str = "classic",
         max_backoff: float = 10.0,
@@ -119,7 +127,8 @@ class Worker:
         self.exchange = exchange
         self.prefetch = prefetch
         self.concurrency = concurrency
-        self.batch_size = max(1, batch_size)
+        # Half the prefetch by default: the broker keeps sending while a batch is processed.
+        self.batch_size = max(1, batch_size or prefetch // 2)
         self.heartbeat = heartbeat
         self.queue_type = queue_type
         self.max_backoff = max_backoff
@@ -135,6 +144,9 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._log = log.bind(service=service.name)
         self._insert_processed = _processed_insert(store.engine.dialect.name)
+        self._wake_r, self._wake_w = os.pipe()  # handler threads -> the connection's thread
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
 
     # -- running -----------------------------------------------------------------------------
 
@@ -237,37 +249,58 @@ class Worker:
                     "Delete the queue or use the queue type it was declared with."
                 ) from exc
             channel.basic_qos(0, self.prefetch, False)
-            consumers = []
+            amqp_socket = conn.connection.sock if is_amqp(conn) else None
+            acks = _Acks(channel, multiple=amqp_socket is not None)
+            cancels = []
             for handler in self.service.handlers.values():
 
-                def on_message(message: Any, handler: Handler = handler) -> None:
+                def take(delivery: _Delivery, handler: Handler = handler) -> None:
+                    acks.received(delivery.delivery_tag)
                     with self._lock:
                         self._in_flight += 1
-                    self._jobs.put(_Job(generation, handler, message))
+                    self._jobs.put(_Job(generation, handler, delivery))
 
-                consumer = kombu.Consumer(
-                    channel,
-                    queues=[kombu.Queue(handler.queue, channel=channel, no_declare=True)],
-                    on_message=on_message,
-                    no_ack=False,
-                )
-                consumer.consume()
-                consumers.append(consumer)
+                cancels.append(_consume_queue(channel, handler.queue, take, raw=bool(amqp_socket)))
             self.ready.set()
             self._log.info("worker.consuming", generation=generation)
             cancelled = False
             while True:
                 if self._stop.is_set() and not cancelled:
-                    for consumer in consumers:
-                        consumer.cancel()
+                    for cancel in cancels:
+                        cancel()
                     cancelled = True
                     self._log.info("worker.draining", in_flight=self._in_flight)
-                self._settle(publisher, generation)
+                self._settle(publisher, generation, acks)
                 if cancelled and self._in_flight == 0:
                     return
-                with contextlib.suppress(TimeoutError):
-                    conn.drain_events(timeout=0.05)
+                self._wait(conn, amqp_socket)
                 conn.heartbeat_check()
+
+    def _wait(self, conn: kombu.Connection, amqp_socket: Any) -> None:
+        """Receive what the broker sends, or return early when handler threads finished work.
+
+        On AMQP the connection's socket and a pipe the handler threads write to are watched
+        together, so results are acked at once (the broker sends nothing more once ``prefetch``
+        messages are unacked). Virtual transports poll.
+        """
+        if amqp_socket is None:
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=0.002 if self._in_flight else 0.05)
+            return
+        pending = getattr(amqp_socket, "pending", None)  # TLS: decrypted bytes already read
+        if not (pending and pending()):
+            ready, _, _ = select.select([amqp_socket, self._wake_r], [], [], 0.1)
+            if self._wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+            if amqp_socket not in ready:
+                return
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=0.05)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a full pipe already wakes it
+            os.write(self._wake_w, b"!")
 
     def _declare(self, conn: kombu.Connection, channel: Any) -> None:
         declare_exchange(conn, channel, self.exchange)
@@ -331,20 +364,22 @@ class Worker:
                 [{"queue": queue, "exchange": self.exchange, "pattern": p} for p in patterns],
             )
 
-    def _settle(self, publisher: Publisher, generation: int) -> None:
+    def _settle(self, publisher: Publisher, generation: int, acks: _Acks) -> None:
         """Ack, retry or dead-letter what the handler threads finished (on this thread only)."""
         while True:
             try:
                 job = self._done.get_nowait()
             except queues.Empty:
+                acks.flush()
                 return
             try:
                 if job.generation != generation:
                     continue  # its channel is gone; the broker redelivers it
+                acks.settled(job.message.delivery_tag)
                 if job.outcome == "ack":
-                    job.message.ack()
+                    acks.ack(job.message)
                 elif job.outcome == "requeue":
-                    job.message.reject(requeue=True)
+                    job.message.reject(True)
                 elif job.outcome == "retry":
                     self._retry(publisher, job)
                 else:
@@ -433,9 +468,13 @@ class Worker:
             if first is None:
                 return
             batch = [first]
+            # Linger a moment for the messages right behind the first: one transaction (and one
+            # commit's fsync) per batch is what makes the processed records cheap.
+            deadline = time.monotonic() + _LINGER
             while len(batch) < self.batch_size:
+                wait = min(_GAP, deadline - time.monotonic())
                 try:
-                    more = self._jobs.get_nowait()
+                    more = self._jobs.get(timeout=wait) if wait > 0 else self._jobs.get_nowait()
                 except queues.Empty:
                     break
                 if more is None:
@@ -445,6 +484,8 @@ class Worker:
             with self._lock:
                 current = self._generation
             live = []
+            if len(batch) > len([j for j in batch if j.generation == current]):
+                self._wake()
             for job in batch:
                 if job.generation != current:
                     self._finish(job)  # dropped by _settle; the broker redelivers it
@@ -464,6 +505,8 @@ class Worker:
                     if not job.finished:
                         job.outcome = "requeue"
                         self._finish(job)
+            finally:
+                self._wake()
 
     def _finish(self, job: _Job) -> None:
         job.finished = True
@@ -477,8 +520,8 @@ class Worker:
         good: list[_Job] = []
         for job in batch:
             try:
-                props = _properties(job.message)
-                job.event = decode(job.message.body, props, job.message.headers or {})
+                message = job.message
+                job.event = decode(message.body, message.properties, message.headers)
             except MalformedMessage as exc:
                 job.outcome, job.reason = "dead", exc.reason
                 self._finish(job)
@@ -546,17 +589,8 @@ class Worker:
             for job in jobs:
                 by_handler.setdefault(job.handler.queue, []).append(job)
             for queue_name, group in by_handler.items():
-                rows = [
-                    {
-                        "handler": queue_name,
-                        "event_id": j.event.event_id,
-                        "position": j.event.position,
-                        "processed_at": now,
-                    }
-                    for j in group
-                    if j.event is not None
-                ]
-                inserted = db.execute(self._insert_processed.values(rows)).scalars().all()
+                events = [j.event for j in group if j.event is not None]
+                inserted = self._insert_processed(db, queue_name, events, now)
                 fresh.update((queue_name, event_id) for event_id in inserted)
             for job in jobs:
                 assert job.event is not None
@@ -608,6 +642,41 @@ class Worker:
         bound.debug("event.handled", ms=round((time.perf_counter() - started) * 1000, 2))
 
 
+class _Acks:
+    """Acks on one channel; on AMQP sent as one ``multiple`` ack where delivery order allows."""
+
+    def __init__(self, channel: Any, *, multiple: bool) -> None:
+        self.channel = channel
+        self.multiple = multiple
+        self.unsettled: set[int] = set()  # delivered, no outcome sent yet
+        self.ready: list[int] = []  # to ack at the next flush
+
+    def received(self, tag: int) -> None:
+        self.unsettled.add(tag)
+
+    def settled(self, tag: int) -> None:
+        self.unsettled.discard(tag)
+
+    def ack(self, message: Any) -> None:
+        if self.multiple:
+            self.ready.append(message.delivery_tag)
+        else:
+            message.ack()
+
+    def flush(self) -> None:
+        """Ack every ready tag below the oldest unsettled one at once; the others one by one."""
+        if not self.ready:
+            return
+        floor = min(self.unsettled, default=None)
+        below = [t for t in self.ready if floor is None or t < floor]
+        if below:
+            self.channel.basic_ack(max(below), multiple=True)
+        for tag in self.ready:
+            if floor is not None and tag > floor:
+                self.channel.basic_ack(tag)
+        self.ready.clear()
+
+
 def _recoverable() -> tuple[type[BaseException], ...]:
     """Errors that mean "reconnect and go on": the broker, the network or the database."""
     conn = kombu.Connection("amqp://")
@@ -641,9 +710,44 @@ def _attempt(headers: Any, max_attempts: int) -> int:
     return min(max(failures, 0), max_attempts - 1) + 1
 
 
-def _processed_insert(dialect: str) -> Any:
-    module: Any = postgresql if dialect == "postgresql" else sqlite
-    return module.insert(P).on_conflict_do_nothing().returning(P.c.event_id)
+# One fixed statement for any batch size (compiled and prepared once): the event ids and
+# positions travel as two arrays.
+_PG_INSERT_PROCESSED = sa.text(
+    "INSERT INTO eventbus_processed (handler, event_id, position, processed_at) "
+    "SELECT :handler, e.event_id, e.position, :now "
+    "FROM unnest(CAST(:event_ids AS uuid[]), CAST(:positions AS bigint[])) "
+    "AS e(event_id, position) "
+    "ON CONFLICT DO NOTHING RETURNING event_id"
+).columns(event_id=sa.Uuid)
+
+_SQLITE_INSERT_PROCESSED = sqlite.insert(P).on_conflict_do_nothing().returning(P.c.event_id)
+
+InsertProcessed = Callable[[Any, str, list[Event], dt.datetime], list[Any]]
+
+
+def _processed_insert(dialect: str) -> InsertProcessed:
+    """``insert(db, handler, events, now)``: record events as processed; returns the new ids."""
+    if dialect == "postgresql":
+
+        def insert_pg(db: Any, handler: str, events: list[Event], now: dt.datetime) -> list[Any]:
+            params = {
+                "handler": handler,
+                "now": now,
+                "event_ids": [e.event_id for e in events],
+                "positions": [e.position for e in events],
+            }
+            return list(db.execute(_PG_INSERT_PROCESSED, params).scalars())
+
+        return insert_pg
+
+    def insert_sqlite(db: Any, handler: str, events: list[Event], now: dt.datetime) -> list[Any]:
+        rows = [
+            dict(handler=handler, event_id=e.event_id, position=e.position, processed_at=now)
+            for e in events
+        ]
+        return list(db.execute(_SQLITE_INSERT_PROCESSED.values(rows)).scalars())
+
+    return insert_sqlite
 
 
 def _context(job: _Job, attempt: int | None) -> dict[str, Any]:
@@ -684,22 +788,85 @@ def _truncate(text: str, limit: int = 1000) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _properties(message: Any) -> dict[str, Any]:
-    props = dict(message.properties or {})
-    props["content_type"] = message.content_type or props.get("content_type")
-    return props
+@dataclasses.dataclass(slots=True)
+class _Delivery:
+    """A received message, from py-amqp (on RabbitMQ) or kombu (virtual transports)."""
+
+    body: bytes
+    properties: dict[str, Any]  # AMQP properties (content_type, message_id, type, ...)
+    headers: dict[str, Any]
+    routing_key: str
+    delivery_tag: int
+    ack: Callable[[], None]
+    reject: Callable[..., None]  # reject(requeue=bool)
 
 
-def _routing_key(message: Any) -> str:
-    return str((message.delivery_info or {}).get("routing_key", ""))
+def _consume_queue(
+    channel: Any, queue: str, take: Callable[[_Delivery], None], *, raw: bool
+) -> Callable[[], None]:
+    """Consume ``queue`` on ``channel``, handing each message to ``take``; returns a cancel.
+
+    On RabbitMQ the py-amqp channel is used directly (kombu's Message adds nothing the worker
+    needs, at a cost per message); virtual transports go through a kombu Consumer.
+    """
+    if raw:
+
+        def on_amqp(msg: Any) -> None:
+            props = msg.properties
+            tag = msg.delivery_tag
+            take(
+                _Delivery(
+                    body=_bytes(msg.body),
+                    properties=props,
+                    headers=props.get("application_headers") or {},
+                    routing_key=msg.delivery_info.get("routing_key") or "",
+                    delivery_tag=tag,
+                    ack=lambda: channel.basic_ack(tag),
+                    reject=lambda requeue: channel.basic_reject(tag, requeue),
+                )
+            )
+
+        consumer_tag = channel.basic_consume(queue, callback=on_amqp, no_ack=False)
+        return lambda: channel.basic_cancel(consumer_tag)
+
+    def on_kombu(message: Any) -> None:
+        props = dict(message.properties or {})
+        props["content_type"] = message.content_type or props.get("content_type")
+        take(
+            _Delivery(
+                body=_bytes(message.body),
+                properties=props,
+                headers=message.headers or {},
+                routing_key=str((message.delivery_info or {}).get("routing_key", "")),
+                delivery_tag=message.delivery_tag,
+                ack=message.ack,
+                reject=lambda requeue: message.reject(requeue=requeue),
+            )
+        )
+
+    consumer = kombu.Consumer(
+        channel,
+        queues=[kombu.Queue(queue, channel=channel, no_declare=True)],
+        on_message=on_kombu,
+        no_ack=False,
+    )
+    consumer.consume()
+    return consumer.cancel  # type: ignore[no-any-return]
 
 
-def _republish(message: Any, headers: dict[str, Any]) -> Message:
-    props = _properties(message)
+def _bytes(body: Any) -> bytes:
+    return body if isinstance(body, bytes) else str(body).encode()
+
+
+def _routing_key(message: _Delivery) -> str:
+    return message.routing_key
+
+
+def _republish(message: _Delivery, headers: dict[str, Any]) -> Message:
+    props = message.properties
     properties = {k: props[k] for k in _PROPERTIES if props.get(k) is not None}
     properties["delivery_mode"] = 2
-    body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
-    return body, properties, headers
+    return message.body, properties, headers
 
 
 @contextlib.contextmanager

@@ -560,3 +560,35 @@ def test_an_effect_that_fails_at_commit_is_pinned_on_its_event(pg_url: str, brok
             for t in reversed(metadata.sorted_tables):
                 conn.execute(sa.text(f"TRUNCATE {t.name} RESTART IDENTITY"))
         store.close()
+
+
+def test_acks_never_cover_a_message_still_in_flight() -> None:
+    """``multiple`` acks stop below the oldest unsettled delivery; later ones go one by one."""
+    from eventbus.worker import _Acks
+
+    class Recorder:  # stands in for the channel: records the acks sent
+        def __init__(self) -> None:
+            self.sent: list[tuple[int, bool]] = []
+
+        def basic_ack(self, tag: int, multiple: bool = False) -> None:
+            self.sent.append((tag, multiple))
+
+    class Delivery:
+        def __init__(self, tag: int) -> None:
+            self.delivery_tag = tag
+
+    channel = Recorder()
+    acks = _Acks(channel, multiple=True)
+    for tag in range(1, 8):
+        acks.received(tag)
+    for tag in (1, 2, 3, 5, 6):  # 4 and 7 still run
+        acks.settled(tag)
+        acks.ack(Delivery(tag))
+    acks.flush()
+    assert channel.sent == [(3, True), (5, False), (6, False)]
+    channel.sent.clear()
+    for tag in (4, 7):
+        acks.settled(tag)
+        acks.ack(Delivery(tag))
+    acks.flush()
+    assert channel.sent == [(7, True)]
