@@ -58,6 +58,7 @@ class Publisher:
         self._unconfirmed: set[int] = set()
         self._nacked = 0
         self._returned: list[str] = []
+        self._sent = 0
         self._next_tag = 1
         if self._amqp:
             self.channel.confirm_select()
@@ -83,21 +84,31 @@ class Publisher:
         Returns the message ids the broker could not route to any queue (published with
         ``mandatory``); raises ``PublishError`` when the window was not confirmed.
         """
+        self.send(messages)
+        return self.wait()
+
+    def send(self, messages: Sequence[tuple[str, Message]]) -> None:
+        """Publish a window without waiting for its confirms (``wait`` does); one at a time."""
         self._returned = []
+        self._sent = len(messages)
         if not self._amqp:
-            return self._publish_virtual(messages)
+            self._publish_virtual(messages)
+            return
         basic_publish = self.channel._basic_publish  # plain publish; confirms come per window
         for routing_key, (body, properties, headers) in messages:
             msg = amqp.Message(body, application_headers=headers, **properties)
             basic_publish(msg, exchange=self.exchange, routing_key=routing_key, mandatory=True)
             self._unconfirmed.add(self._next_tag)
             self._next_tag += 1
+
+    def wait(self) -> list[str]:
+        """Wait for the confirms of the window ``send`` published; returns the unroutable ids."""
         deadline = time.monotonic() + self.confirm_timeout
         while self._unconfirmed:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise PublishError(
-                    f"{len(self._unconfirmed)} of {len(messages)} messages not confirmed "
+                    f"{len(self._unconfirmed)} of {self._sent} messages not confirmed "
                     f"within {self.confirm_timeout}s"
                 )
             try:
@@ -106,10 +117,10 @@ class Publisher:
                 continue
         if self._nacked:
             nacked, self._nacked = self._nacked, 0
-            raise PublishError(f"the broker nacked {nacked} of {len(messages)} messages")
+            raise PublishError(f"the broker nacked {nacked} of {self._sent} messages")
         return self._returned
 
-    def _publish_virtual(self, messages: Sequence[tuple[str, Message]]) -> list[str]:
+    def _publish_virtual(self, messages: Sequence[tuple[str, Message]]) -> None:
         for routing_key, (body, properties, headers) in messages:
             if self.exchange and not self.channel.typeof(self.exchange).lookup(
                 self.channel.get_table(self.exchange), self.exchange, routing_key, None
@@ -119,7 +130,6 @@ class Publisher:
             self._producer.publish(
                 body, routing_key=routing_key, headers=headers, retry=False, **properties
             )
-        return self._returned
 
     def _settle(self, tag: int, multiple: bool) -> None:
         if multiple:

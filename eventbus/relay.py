@@ -19,7 +19,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import kombu
@@ -138,16 +138,35 @@ class Relay:
                 conn = conn.execution_options(sqlite_begin="DEFERRED")
             return conn.execute(query).all()
 
-    def _publish_window(self, publisher: Publisher, after: int) -> int:
-        """Publish the next window after position ``after``; returns the new checkpoint."""
+    def _publish_windows(
+        self, publisher: Publisher, after: int, keep_going: Callable[[], bool]
+    ) -> int:
+        """Publish windows after position ``after`` until none is left; returns the checkpoint.
+
+        The next window is read and encoded while the broker confirms the current one; the
+        checkpoint advances only after a window's confirms.
+        """
         rows = self._pending(after)
-        if not rows:
-            return after
-        messages: list[tuple[str, Message]] = [(r.routing_key or r.type, _message(r)) for r in rows]
-        unroutable = set(publisher.publish(messages))
-        last = rows[-1].position
-        self._save_checkpoint(last)
-        self.published += len(rows)
+        messages = _messages(rows)
+        while rows:
+            publisher.send(messages)
+            last = int(rows[-1].position)
+            following = self._pending(last)  # overlaps the broker's confirms
+            following_messages = _messages(following)
+            unroutable = set(publisher.wait())
+            self._save_checkpoint(last)
+            self.published += len(rows)
+            self._log_unroutable(rows, unroutable)
+            self._log.debug("relay.confirmed", count=len(rows), checkpoint=last)
+            after, rows, messages = last, following, following_messages
+            publisher.connection.heartbeat_check()
+            if not keep_going():
+                break
+        return after
+
+    def _log_unroutable(self, rows: Sequence[Any], unroutable: set[str]) -> None:
+        if not unroutable:
+            return
         for row in rows:
             if str(row.event_id) in unroutable:
                 self._log.warning(
@@ -159,8 +178,6 @@ class Relay:
                     correlation_id=row.correlation_id,
                     hint="no queue is bound for this routing key; the store keeps the event",
                 )
-        self._log.debug("relay.confirmed", count=len(rows), checkpoint=last)
-        return int(last)
 
     def _connect(self) -> kombu.Connection:
         conn = kombu.Connection(
@@ -178,12 +195,7 @@ class Relay:
         with self._connect() as conn:
             publisher = Publisher(conn, self.exchange)
             try:
-                after = self.checkpoint()
-                while True:
-                    new = self._publish_window(publisher, after)
-                    if new == after:
-                        break
-                    after = new
+                self._publish_windows(publisher, self.checkpoint(), lambda: True)
             finally:
                 publisher.close()
         return self.published - before
@@ -201,7 +213,9 @@ class Relay:
                     self._log.info("relay.connected", checkpoint=after)
                     failures = 0
                     while not self._stop.is_set():
-                        new = self._publish_window(publisher, after)
+                        new = self._publish_windows(
+                            publisher, after, lambda: not self._stop.is_set()
+                        )
                         if new == after:
                             conn.heartbeat_check()
                             self._stop.wait(self.poll_interval)
@@ -245,6 +259,10 @@ class Relay:
                 return True
             time.sleep(0.01)
         return False
+
+
+def _messages(rows: Sequence[Any]) -> list[tuple[str, Message]]:
+    return [(r.routing_key or r.type, _message(r)) for r in rows]
 
 
 def _message(row: Any) -> Message:
