@@ -4,6 +4,8 @@ The public API::
 
     from eventbus import Event, EventStore, Aggregate, fields      # events and the store
     from eventbus import Service, Context, Relay, Worker           # the bus
+    from eventbus import Projection, replay                         # read models, replay
+    from eventbus import Responders, RequestClient                  # request/reply
 """
 
 from marshmallow import fields, validate
@@ -19,6 +21,10 @@ from eventbus.errors import (
     EventValidationError,
     HandlerDefinitionError,
     MalformedMessage,
+    NoResponder,
+    RemoteError,
+    RequestError,
+    RequestTimeout,
     StoreError,
     UnknownEventType,
     UnsupportedVersion,
@@ -27,9 +33,11 @@ from eventbus.events import Event, decode_event, encode_payload, event_class, re
 from eventbus.logging import configure_logging
 from eventbus.migrate import upgrade as upgrade_database
 from eventbus.relay import Relay
+from eventbus.replay import ReplayReport, ReplayStopped, replay
+from eventbus.rpc import RequestClient, RequestContext, Responders
 from eventbus.settings import Settings
 from eventbus.store import EventStore
-from eventbus.subscriptions import Context, Service
+from eventbus.subscriptions import Context, Projection, Service
 from eventbus.worker import Worker
 
 __version__ = "0.1.0"
@@ -48,7 +56,17 @@ __all__ = [
     "EventbusError",
     "HandlerDefinitionError",
     "MalformedMessage",
+    "NoResponder",
+    "Projection",
     "Relay",
+    "RemoteError",
+    "ReplayReport",
+    "ReplayStopped",
+    "RequestClient",
+    "RequestContext",
+    "RequestError",
+    "RequestTimeout",
+    "Responders",
     "Service",
     "Settings",
     "StoreError",
@@ -61,6 +79,7 @@ __all__ = [
     "event_class",
     "fields",
     "registered_types",
+    "replay",
     "upgrade_database",
     "validate",
 ]

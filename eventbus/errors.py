@@ -113,3 +113,82 @@ class MalformedMessage(BusError):
 
 class HandlerDefinitionError(BusError, TypeError):
     """A service or handler is declared wrongly (bad pattern, taken name, wrong signature, ...)."""
+
+
+class RequestError(BusError):
+    """A request (``eventbus.rpc``) got no reply, or a reply that is an error.
+
+    ``request_type`` names the request. Raised as such when the broker connection is lost during
+    a call (the request may or may not have been processed).
+    """
+
+    def __init__(self, request_type: str, message: str) -> None:
+        self.request_type = request_type
+        super().__init__(message)
+
+
+class NoResponder(RequestError):
+    """No queue exists for the request's type: no responder was ever started for it.
+
+    The broker returned the request (it is published ``mandatory``), so this comes at once,
+    not after the timeout. Nothing was processed.
+    """
+
+    def __init__(self, request_type: str) -> None:
+        super().__init__(
+            request_type,
+            f"no responder for {request_type!r}: the broker has no queue named {request_type!r} "
+            "(start a responder that answers it: eventbus respond MODULE); nothing was processed",
+        )
+
+
+class RequestTimeout(RequestError):
+    """No reply came within ``timeout`` seconds.
+
+    ``routed``: the broker confirmed that the request reached the type's queue; ``consumers``:
+    how many responders consumed from that queue when the time ran out (None if unknown). A
+    routed request may still be processed later (it expires from the queue, not from a
+    responder's hands); its late reply is dropped.
+    """
+
+    def __init__(
+        self, request_type: str, timeout: float, *, routed: bool, consumers: int | None = None
+    ) -> None:
+        self.timeout = timeout
+        self.routed = routed
+        self.consumers = consumers
+        if not routed:
+            where = "the broker did not confirm that it reached a queue"
+        elif consumers == 0:
+            where = (
+                f"it reached queue {request_type!r}, which no responder consumes from "
+                "(none is running)"
+            )
+        elif consumers is None:
+            where = f"it reached queue {request_type!r}"
+        else:
+            where = (
+                f"it reached queue {request_type!r}, which {consumers} responder(s) consume "
+                "from (slow, or busy with earlier requests)"
+            )
+        super().__init__(request_type, f"no reply to {request_type!r} within {timeout}s: {where}")
+
+
+class RemoteError(RequestError):
+    """The responder answered with an error: it raised, or it found the request invalid.
+
+    ``responder`` names the answering function (``<responders>.<function>``), ``error_type``
+    the exception's class name (``MalformedMessage`` for a request that failed validation) and
+    ``error_message`` its message.
+    """
+
+    def __init__(
+        self, request_type: str, responder: str, error_type: str, error_message: str
+    ) -> None:
+        self.responder = responder
+        self.error_type = error_type
+        self.error_message = error_message
+        super().__init__(
+            request_type,
+            f"{request_type!r} failed on responder {responder}: {error_type}: {error_message}",
+        )

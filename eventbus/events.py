@@ -36,8 +36,10 @@ from collections.abc import Callable, Mapping
 from typing import Annotated, Any, ClassVar, TypeVar
 
 import marshmallow
+import orjson
 from marshmallow import fields
 
+from eventbus._fastload import Loader, compile_loader
 from eventbus.errors import (
     EventDefinitionError,
     EventValidationError,
@@ -177,6 +179,8 @@ class Event:
     routing_key: ClassVar[str] = ""
     _fields: ClassVar[dict[str, fields.Field[Any]]] = {}
     _schema: ClassVar[marshmallow.Schema]
+    _fast_load: ClassVar[Loader | None] = None
+    _naive_ok: ClassVar[bool] = True  # a field that may load a naive datetime
     _upcasters: ClassVar[dict[int, Upcaster]]
     _abstract: ClassVar[bool] = True
 
@@ -200,6 +204,11 @@ class Event:
         super().__init_subclass__(**kwargs)
         cls._fields = _collect_fields(cls)
         cls._schema = marshmallow.Schema.from_dict(cls._fields, name=f"{cls.__name__}Schema")()
+        cls._fast_load = compile_loader(cls._fields)
+        cls._naive_ok = any(
+            f.__class__ in (fields.DateTime, fields.NaiveDateTime, fields.Raw)
+            for f in cls._fields.values()
+        )
         cls._upcasters = {}
         cls._abstract = abstract
         if abstract:
@@ -285,6 +294,18 @@ class Event:
         )
         return clone
 
+    def caused_by(self: E, cause: Event) -> E:
+        """A copy of this event recorded as a consequence of ``cause``.
+
+        ``causation_id`` becomes the cause's event id and ``correlation_id`` the cause's
+        correlation id (unless this event was given one of its own).
+        """
+        clone = object.__new__(self.__class__)
+        clone.__dict__.update(self.__dict__, causation_id=str(cause.event_id))
+        if self.correlation_id == str(self.event_id):  # the default: its own id
+            clone.__dict__["correlation_id"] = cause.correlation_id
+        return clone
+
     # -- versions --------------------------------------------------------------------------
 
     @classmethod
@@ -321,12 +342,19 @@ def _same_definition(a: type[Event], b: type[Event]) -> bool:
 
 
 def _load(cls: type[Event], data: Mapping[str, Any], errors: dict[str, Any]) -> dict[str, Any]:
+    fast = cls._fast_load(data) if cls._fast_load is not None else None
+    if fast is not None:  # aware datetimes checked already, unless a field may be naive
+        return _aware(fast, errors) if cls._naive_ok else fast
     try:
         values: dict[str, Any] = cls._schema.load(data)
     except marshmallow.ValidationError as exc:
         messages = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
         errors.update(messages)
         return {}
+    return _aware(values, errors)
+
+
+def _aware(values: dict[str, Any], errors: dict[str, Any]) -> dict[str, Any]:
     for name, value in values.items():
         if isinstance(value, dt.datetime) and value.tzinfo is None:
             errors[name] = ["Naive datetime; give an aware datetime (UTC)."]
@@ -356,6 +384,8 @@ def _envelope(
         errors["occurred_at"] = ["Not a datetime."]
     elif occurred_at.tzinfo is None or occurred_at.utcoffset() is None:
         errors["occurred_at"] = ["Naive datetime; give an aware datetime (UTC)."]
+    elif occurred_at.tzinfo is dt.UTC:
+        env["occurred_at"] = occurred_at
     else:
         env["occurred_at"] = occurred_at.astimezone(dt.UTC)
     for name, value in (("correlation_id", correlation_id), ("causation_id", causation_id)):
@@ -421,6 +451,13 @@ def decode_event(
     Raises ``UnknownEventType``, ``UnsupportedVersion`` or ``EventValidationError``.
     """
     cls = event_class(type_name)
+    if type(payload) is dict and schema_version == cls.schema_version and not cls._naive_ok:
+        event = _decode_plain(cls, payload, event_id, occurred_at, correlation_id, causation_id)
+        if event is not None:
+            event.__dict__.update(
+                stream_id=stream_id, stream_version=stream_version, position=position
+            )
+            return event
     if not isinstance(payload, Mapping):
         raise EventValidationError(cls._label(), {"_schema": ["Payload is not a JSON object."]})
     data = upcast(cls, schema_version, payload)
@@ -433,6 +470,49 @@ def decode_event(
     event = object.__new__(cls)
     _fill(event, values, envelope)
     return event
+
+
+def _decode_plain(
+    cls: type[Event],
+    payload: dict[str, Any],
+    event_id: uuid.UUID | str,
+    occurred_at: dt.datetime,
+    correlation_id: str | None,
+    causation_id: str | None,
+) -> Event | None:
+    """The common case of ``decode_event`` without its general checks, or None: the current
+    version, a payload the fast loader takes, an envelope of the exact stored types."""
+    if (
+        cls._fast_load is None
+        or type(event_id) is not uuid.UUID
+        or type(occurred_at) is not dt.datetime
+        or not _plain_id(correlation_id)
+        or not _plain_id(causation_id)
+    ):
+        return None
+    if occurred_at.tzinfo is not dt.UTC:
+        if occurred_at.utcoffset() != _ZERO:  # None (naive) or another zone: the general path
+            return None
+        occurred_at = occurred_at.replace(tzinfo=dt.UTC)  # e.g. psycopg's ZoneInfo("Etc/UTC")
+    values = cls._fast_load(payload)
+    if values is None:
+        return None
+    event = object.__new__(cls)
+    event.__dict__.update(
+        values,
+        event_id=event_id,
+        occurred_at=occurred_at,
+        correlation_id=correlation_id or str(event_id),
+        causation_id=causation_id,
+    )
+    return event
+
+
+_ZERO = dt.timedelta(0)
+
+
+def _plain_id(value: str | None) -> bool:
+    return value is None or (type(value) is str and 0 < len(value) <= 255)
 
 
 def upcast(cls: type[Event], schema_version: object, payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -462,9 +542,19 @@ def upcast(cls: type[Event], schema_version: object, payload: Mapping[str, Any])
 
 def dumps(payload: Mapping[str, Any]) -> bytes:
     """Compact UTF-8 JSON."""
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        return orjson.dumps(payload)
+    except TypeError:  # what orjson refuses but JSON allows (integers beyond 64 bits)
+        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def loads(data: bytes | str) -> Any:
-    """Parse JSON (bytes must be UTF-8)."""
-    return json.loads(data)
+    """Parse JSON: orjson, and the standard library for what orjson refuses.
+
+    orjson is strict (no NaN, integers within 64 bits, nesting within 1,024 levels); whatever
+    it refuses is parsed again by ``json``, which accepts or rejects it as before.
+    """
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)

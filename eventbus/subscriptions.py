@@ -13,6 +13,10 @@ exchange with its patterns (an event class stands for its routing key), a delay 
 (``<queue>.retry.<ms>``: TTL, then dead-lettered back to the queue) and ``<queue>.dead``.
 A handler takes the event, or the event and a ``Context`` (its database connection, attempt, log);
 it may be ``async def``: the worker runs the coroutine to completion on its handler thread.
+
+``@svc.handles(NewImage, partitions=8)`` asks for each stream's events in order, however many
+workers run: the handler's work is split by stream id into 8 partition queues
+``<queue>.p00`` .. ``<queue>.p07``, each consumed by one worker at a time (docs/partitions.md).
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 from eventbus.errors import HandlerDefinitionError
 from eventbus.events import Event
+from eventbus.topics import check_pattern, topic_matches
 
 if TYPE_CHECKING:
+    import sqlalchemy as sa
     import structlog
     from sqlalchemy.engine import Connection
 
@@ -36,39 +42,7 @@ if TYPE_CHECKING:
 
 HandlerFunction = Callable[..., Any]
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-_WORD = re.compile(r"^[^.*#\s]+$")
-
-
-def check_pattern(pattern: str) -> str:
-    """A valid AMQP topic pattern: dot-separated words, ``*`` and ``#`` only as whole words."""
-    if not isinstance(pattern, str) or not pattern or len(pattern.encode()) > 255:
-        raise HandlerDefinitionError(
-            f"binding pattern {pattern!r} must be a non-empty string of at most 255 bytes"
-        )
-    for word in pattern.split("."):
-        if word not in ("*", "#") and not _WORD.match(word):
-            raise HandlerDefinitionError(
-                f"binding pattern {pattern!r}: {word!r} is not a word, '*' or '#' "
-                "(words are separated by single dots; wildcards stand alone)"
-            )
-    return pattern
-
-
-def virtual_patterns(pattern: str) -> set[str]:
-    """Patterns that make kombu's virtual topic matching agree with RabbitMQ's for ``pattern``.
-
-    kombu's ``#`` matches one or more words, RabbitMQ's zero or more: ``a.#`` must also match
-    ``a``. Binding every variant with some ``#`` words left out closes the difference.
-    """
-    words = pattern.split(".")
-    hashes = [i for i, w in enumerate(words) if w == "#"]
-    variants = {pattern}
-    for mask in range(1, 2 ** len(hashes)):
-        drop = {hashes[b] for b in range(len(hashes)) if mask >> b & 1}
-        kept = [w for i, w in enumerate(words) if i not in drop]
-        if kept:
-            variants.add(".".join(kept))
-    return variants
+MAX_PARTITIONS = 100  # partition queues are numbered with two digits (see Handler.partition_queue)
 
 
 @dataclass
@@ -77,7 +51,9 @@ class Context:
 
     ``connection`` is a SQLAlchemy connection in the same transaction as the record that this
     event was processed: rows written through it commit exactly once, with that record, or not
-    at all. ``append`` appends events in that transaction too.
+    at all. ``append`` appends events in that transaction too. Effects outside the database
+    should check ``dry_run`` (and may check ``replaying``): a dry run rolls back only the
+    database.
     """
 
     handler: str
@@ -87,6 +63,9 @@ class Context:
     store: EventStore
     _connection: Connection = field(repr=False)
     _savepoint: Any = field(default=None, repr=False)
+    event: Event | None = None  # the event being handled
+    replaying: bool = False  # fed from the store (replay, catch-up), not a live message
+    dry_run: bool = False  # ``eventbus replay --dry-run``: database effects are rolled back
 
     @property
     def connection(self) -> Connection:
@@ -98,7 +77,14 @@ class Context:
     def append(
         self, stream_id: str, events: Sequence[Event], *, expected_version: int | None = None
     ) -> list[Event]:
-        """Append events in the handler's transaction (they commit with its other effects)."""
+        """Append events in the handler's transaction (they commit with its other effects).
+
+        Events without a ``causation_id`` are recorded as caused by the event being handled
+        (``Event.caused_by``): same correlation id, causation id = its event id.
+        """
+        cause = self.event
+        if cause is not None:
+            events = [e.caused_by(cause) if e.causation_id is None else e for e in events]
         return self.store.append(
             stream_id, events, expected_version=expected_version, connection=self.connection
         )
@@ -116,6 +102,15 @@ class Handler:
     max_attempts: int
     retry_delay: float
     wants_context: bool
+    # Projections: events applied in position order from the store, one checkpoint, no retry
+    # queues (a failing event is retried in place so nothing overtakes it).
+    ordered: bool = False
+    # Feed it the stored history when it first starts (projections always catch up).
+    catch_up: bool = False
+    # Per-stream order: the number of partition queues its work is split into by stream id
+    # (None: one queue, competing workers). A failing event is retried in place.
+    partitions: int | None = None
+    owner: Service | None = field(default=None, repr=False, compare=False)
 
     @property
     def queue(self) -> str:
@@ -126,6 +121,20 @@ class Handler:
     def dead_letter_queue(self) -> str:
         """Where messages go after the last attempt, or at once when malformed."""
         return f"{self.queue}.dead"
+
+    @property
+    def partition_exchange(self) -> str:
+        """The consistent-hash exchange that spreads a partitioned handler's events by stream."""
+        return f"{self.queue}.partitions"
+
+    def partition_queue(self, index: int) -> str:
+        """Partition ``index``'s queue, ``<queue>.p07``: zero-padded, so that sorting the names
+        sorts the partitions (RabbitMQ rebuilds the hash ring in name order after a restart)."""
+        return f"{self.queue}.p{index:02d}"
+
+    def partition_queues(self) -> list[str]:
+        """Every partition queue, in partition order (empty when the handler is unpartitioned)."""
+        return [self.partition_queue(i) for i in range(self.partitions or 0)]
 
     def retry_delays(self) -> list[float]:
         """Seconds to wait before attempt 2, 3, ...: ``retry_delay`` doubling each time."""
@@ -138,6 +147,17 @@ class Handler:
     def accepts(self, event: Event) -> bool:
         """False when the handler named event classes and ``event`` is none of them."""
         return not self.event_classes or isinstance(event, self.event_classes)
+
+    def subscribes(self, type_name: str, routing_key: str | None) -> bool:
+        """Whether a stored event of this type and routing key reaches this handler's queue."""
+        if self.event_classes:
+            return type_name in {c.type for c in self.event_classes}
+        key = routing_key or type_name
+        return any(topic_matches(p, key) for p in self.patterns)
+
+    def type_names(self) -> list[str] | None:
+        """The event types to read from the store, or None when patterns decide (any type)."""
+        return [c.type for c in self.event_classes] if self.event_classes else None
 
     def __call__(self, event: Event, ctx: Context) -> Any:
         result = self.function(event, ctx) if self.wants_context else self.function(event)
@@ -161,10 +181,20 @@ class Service:
     """A named group of handlers, run together by ``eventbus run MODULE[:SERVICE]``.
 
     ``max_attempts`` (1 = no retry) and ``retry_delay`` (seconds before the first retry, doubling
-    after each) are defaults that ``handles`` can override per handler.
+    after each) are defaults that ``handles`` can override per handler. ``catch_up=True``: the
+    first time a handler starts (no checkpoint yet), it is fed every stored event it subscribes
+    to before it takes live messages; otherwise it starts with the events published after its
+    queue first exists (``eventbus replay`` brings it the past on demand).
     """
 
-    def __init__(self, name: str, *, max_attempts: int = 5, retry_delay: float = 1.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        max_attempts: int = 5,
+        retry_delay: float = 1.0,
+        catch_up: bool = False,
+    ) -> None:
         if not isinstance(name, str) or not _NAME.match(name):
             raise HandlerDefinitionError(
                 f"service name {name!r} must be letters, digits, '_' or '-' (it names queues)"
@@ -173,6 +203,7 @@ class Service:
         self.name = name
         self.max_attempts = max_attempts
         self.retry_delay = retry_delay
+        self.catch_up = catch_up
         self.handlers: dict[str, Handler] = {}
 
     def __repr__(self) -> str:
@@ -184,11 +215,24 @@ class Service:
         name: str | None = None,
         max_attempts: int | None = None,
         retry_delay: float | None = None,
+        partitions: int | None = None,
     ) -> Callable[[HandlerFunction], HandlerFunction]:
         """Subscribe the decorated function to event classes and/or topic patterns.
 
         The handler's queue is ``<service>.<name>`` (``name`` defaults to the function's name).
+        ``partitions=N`` (1 to 100): each stream's events are handled in position order, also
+        by competing workers; its queue is split into N partitions by stream id, each consumed
+        by one worker at a time, and a failing event is retried in place (docs/partitions.md).
         """
+        if partitions is not None and (
+            not isinstance(partitions, int)
+            or isinstance(partitions, bool)
+            or not 1 <= partitions <= MAX_PARTITIONS
+        ):
+            raise HandlerDefinitionError(
+                f"{self.name}: partitions must be an integer from 1 to {MAX_PARTITIONS}, "
+                f"not {partitions!r}"
+            )
         if not subscriptions:
             raise HandlerDefinitionError(
                 f"{self.name}: handles() needs at least one event class or pattern"
@@ -233,10 +277,157 @@ class Service:
                 max_attempts=attempts,
                 retry_delay=delay,
                 wants_context=_wants_context(self.name, handler_name, function),
+                catch_up=self.catch_up,
+                partitions=partitions,
+                owner=self,
             )
             return function
 
         return register
+
+
+class Projection(Service):
+    """A read model built from events in the order they were stored, exactly once.
+
+    ```python
+    points = Projection("points", tables=[points_table])
+
+    @points.handles(NewImage)
+    def award(event: NewImage, ctx: Context) -> None:
+        ctx.connection.execute(...)     # the read model; commits with the checkpoint
+
+    @points.on_reset                    # optional; default: delete every row of ``tables``
+    def clear(connection: Connection) -> None: ...
+    ```
+
+    All its handlers share one queue, ``<name>.projection``, and one checkpoint: the last
+    position applied, written in the same transaction as the read model. Events are applied
+    from the store in position order (the queue says what is new; the store fills any gap), so
+    a projection that starts behind catches up by itself, and a redelivered message has no
+    second effect. A failing event is retried in place (nothing overtakes it); after
+    ``max_attempts`` it is recorded in ``eventbus_failures`` and the projection goes on.
+    """
+
+    queue_handler = "projection"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        tables: Sequence[sa.Table] = (),
+        max_attempts: int = 5,
+        retry_delay: float = 1.0,
+    ) -> None:
+        super().__init__(name, max_attempts=max_attempts, retry_delay=retry_delay, catch_up=True)
+        self.tables = tuple(tables)
+        self._routes: list[tuple[type[Event] | str, HandlerFunction, bool]] = []
+        self._reset: Callable[[Connection], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"Projection({self.name!r}, routes={len(self._routes)})"
+
+    def handles(
+        self,
+        *subscriptions: type[Event] | str,
+        name: str | None = None,
+        max_attempts: int | None = None,
+        retry_delay: float | None = None,
+        partitions: int | None = None,
+    ) -> Callable[[HandlerFunction], HandlerFunction]:
+        """Apply the decorated function to these event classes and/or topic patterns.
+
+        Every function of a projection feeds the same queue and checkpoint; an event that
+        several subscriptions match goes to the first registered.
+        """
+        if partitions is not None:
+            raise HandlerDefinitionError(
+                f"projection {self.name}: partitions= is for Service handlers; a projection "
+                "applies every event in the global order already (so each stream's in order), "
+                "from one checkpoint"
+            )
+        if name is not None or max_attempts is not None or retry_delay is not None:
+            raise HandlerDefinitionError(
+                f"projection {self.name}: name, max_attempts and retry_delay are set on the "
+                "Projection itself (one queue, one retry policy)"
+            )
+        if not subscriptions:
+            raise HandlerDefinitionError(
+                f"{self.name}: handles() needs at least one event class or pattern"
+            )
+        for item in subscriptions:
+            if isinstance(item, type) and issubclass(item, Event):
+                if not item.type:
+                    raise HandlerDefinitionError(f"{self.name}: {item.__name__} is abstract")
+            elif isinstance(item, str):
+                check_pattern(item)
+            else:
+                raise HandlerDefinitionError(
+                    f"{self.name}: handles() takes Event classes or pattern strings, not {item!r}"
+                )
+
+        def register(function: HandlerFunction) -> HandlerFunction:
+            wants = _wants_context(self.name, function.__name__, function)
+            taken = {item: fn for item, fn, _ in self._routes}
+            for item in subscriptions:
+                if item in taken:
+                    label = item.__name__ if isinstance(item, type) else repr(item)
+                    raise HandlerDefinitionError(
+                        f"projection {self.name}: {label} is already handled by "
+                        f"{taken[item].__name__}; one function per subscription"
+                    )
+            self._routes.extend((item, function, wants) for item in subscriptions)
+            self._rebuild()
+            return function
+
+        return register
+
+    def on_reset(self, function: Callable[[Connection], None]) -> Callable[[Connection], None]:
+        """Register how to empty the read model (called with a connection in a transaction)."""
+        self._reset = function
+        return function
+
+    def reset(self, connection: Connection) -> None:
+        """Empty the read model: the ``on_reset`` function, or delete the rows of ``tables``."""
+        if self._reset is not None:
+            self._reset(connection)
+            return
+        if not self.tables:
+            raise HandlerDefinitionError(
+                f"projection {self.name} cannot be reset: it names no tables and has no "
+                "@on_reset function"
+            )
+        for table in reversed(self.tables):
+            connection.execute(table.delete())
+
+    def _rebuild(self) -> None:
+        items = [item for item, _, _ in self._routes]
+        classes = [i for i in items if isinstance(i, type)]
+        patterns = [i.routing_key if isinstance(i, type) else i for i in items]
+        self.handlers = {
+            self.queue_handler: Handler(
+                service=self.name,
+                name=self.queue_handler,
+                function=self._dispatch,
+                patterns=tuple(dict.fromkeys(patterns)),
+                event_classes=tuple(classes) if len(classes) == len(items) else (),
+                max_attempts=self.max_attempts,
+                retry_delay=self.retry_delay,
+                wants_context=True,
+                ordered=True,
+                catch_up=True,
+                owner=self,
+            )
+        }
+
+    def _dispatch(self, event: Event, ctx: Context) -> Any:
+        for item, function, wants in self._routes:
+            if isinstance(item, type):
+                hit = isinstance(event, item)
+            else:
+                hit = topic_matches(item, event.routing_key)
+            if hit:
+                return function(event, ctx) if wants else function(event)
+        return None
 
 
 def _check_retry(owner: str, max_attempts: int, retry_delay: float) -> None:

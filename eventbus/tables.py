@@ -22,6 +22,9 @@ metadata = sa.MetaData(
 )
 
 
+_ZERO = dt.timedelta(0)
+
+
 class UTCDateTime(sa.TypeDecorator[dt.datetime]):
     """An aware UTC datetime on every backend (SQLite keeps no time zone of its own)."""
 
@@ -38,7 +41,11 @@ class UTCDateTime(sa.TypeDecorator[dt.datetime]):
         if value is None:
             return None
         moment: dt.datetime = value
-        return moment.replace(tzinfo=dt.UTC) if moment.tzinfo is None else moment.astimezone(dt.UTC)
+        if moment.tzinfo is dt.UTC:
+            return moment
+        if moment.tzinfo is None or moment.utcoffset() == _ZERO:
+            return moment.replace(tzinfo=dt.UTC)
+        return moment.astimezone(dt.UTC)
 
 
 # SQLite only autoincrements an INTEGER PRIMARY KEY (the rowid), not a BIGINT one.
@@ -93,6 +100,8 @@ processed = sa.Table(
     sa.Column("event_id", sa.Uuid, primary_key=True),
     sa.Column("position", sa.BigInteger, nullable=True),
     sa.Column("processed_at", UTCDateTime, nullable=False),
+    # How far a handler got (its lag): the highest position it processed.
+    sa.Index("ix_eventbus_processed_handler_position", "handler", "position"),
 )
 
 # The patterns each queue was bound with at its last start, so that a pattern removed from the
@@ -103,4 +112,50 @@ bindings = sa.Table(
     sa.Column("queue", sa.String(255), primary_key=True),
     sa.Column("exchange", sa.String(255), primary_key=True),
     sa.Column("pattern", sa.String(255), primary_key=True),
+)
+
+# Each subscriber's place in the global order (subscriber = its queue name). A projection's
+# checkpoint is the last position it applied, written in the same transaction as its read model.
+# A handler's is how far replay/catch-up has fed it the store (live delivery dedupes by event id);
+# ``caught_up`` is false while a catch-up is unfinished, so a restart resumes it.
+checkpoints = sa.Table(
+    "eventbus_checkpoints",
+    metadata,
+    sa.Column("subscriber", sa.String(255), primary_key=True),
+    sa.Column("position", sa.BigInteger, nullable=False),
+    sa.Column("caught_up", sa.Boolean, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+# Events a subscriber gave up on (a projection's live retries exhausted, ``replay --skip-failed``).
+failures = sa.Table(
+    "eventbus_failures",
+    metadata,
+    sa.Column("subscriber", sa.String(255), primary_key=True),
+    sa.Column("event_id", sa.Uuid, primary_key=True),
+    sa.Column("position", sa.BigInteger, nullable=True),
+    sa.Column("event_type", sa.String(255), nullable=False),
+    sa.Column("error", sa.Text, nullable=False),
+    sa.Column("failed_at", UTCDateTime, nullable=False),
+)
+
+# The latest snapshot of an aggregate's state per stream (``Aggregate`` with ``snapshot_every``).
+snapshots = sa.Table(
+    "eventbus_snapshots",
+    metadata,
+    sa.Column("stream_id", sa.String(255), primary_key=True),
+    sa.Column("stream_version", sa.Integer, nullable=False),
+    sa.Column("state_version", sa.Integer, nullable=False),
+    sa.Column("state", Payload, nullable=False),
+    sa.Column("taken_at", UTCDateTime, nullable=False),
+)
+
+# Handlers whose consumption is paused (``eventbus pause QUEUE``): a row means paused. Workers
+# look at it every second or so and cancel or resume their consumer on that queue.
+paused = sa.Table(
+    "eventbus_paused",
+    metadata,
+    sa.Column("queue", sa.String(255), primary_key=True),
+    sa.Column("reason", sa.Text, nullable=True),
+    sa.Column("paused_at", UTCDateTime, nullable=False),
 )

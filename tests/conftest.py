@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 
 from eventbus.migrate import upgrade
 from eventbus.store import EventStore
-from eventbus.subscriptions import Service
+from eventbus.subscriptions import Projection, Service
 from eventbus.tables import metadata
 
 PG_ADMIN_URL = os.environ.get(
@@ -108,12 +109,19 @@ class Broker:
         self.services.append(svc)
         return svc
 
+    def projection(self, name: str, **options: Any) -> Projection:
+        """A Projection with a name unique to this test (its queues are deleted afterwards)."""
+        proj = Projection(f"{name}-{self.tag}", **options)
+        self.services.append(proj)
+        return proj
+
     def queues(self) -> list[str]:
         names = []
         for svc in self.services:
             for handler in svc.handlers.values():
                 names += [handler.queue, handler.dead_letter_queue]
                 names += [handler.retry_queue(a) for a in range(1, handler.max_attempts)]
+                names += handler.partition_queues()
         return names
 
     def cleanup(self) -> None:
@@ -130,8 +138,10 @@ class Broker:
                     with contextlib.suppress(Exception):
                         channel.close()
             channel = conn.channel()
-            with contextlib.suppress(Exception):
-                channel.exchange_delete(self.exchange)
+            partitioned = [h for s in self.services for h in s.handlers.values() if h.partitions]
+            for name in [self.exchange, *(h.partition_exchange for h in partitioned)]:
+                with contextlib.suppress(Exception):
+                    channel.exchange_delete(name)
 
     extra_queues: list[str] = []  # noqa: RUF012 - replaced per instance when used
 
@@ -143,3 +153,24 @@ def broker(amqp_url: str) -> Iterator[Broker]:
     b.extra_queues = []
     yield b
     b.cleanup()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:
+    """Poll ``condition`` until true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+
+
+@pytest.fixture(params=["memory", "rabbitmq"])
+def bus(request: pytest.FixtureRequest) -> Iterator[tuple[str, Broker]]:
+    """(broker URL, names): memory:// in this process, or RabbitMQ with unique names."""
+    if request.param == "memory":
+        b = Broker("memory://")
+        yield "memory://", b
+        return
+    b = request.getfixturevalue("broker")
+    yield b.url, b

@@ -11,9 +11,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,31 +26,10 @@ from eventbus.subscriptions import Context
 from eventbus.tables import metadata
 from eventbus.wire import encode
 from eventbus.worker import running
-from tests.conftest import Broker
+from tests.conftest import Broker, wait_for
 from tests.events_fixtures import Counted, ImageUploaded, UserLoggedIn
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:
-    """Poll ``condition`` until true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
-
-
-@pytest.fixture(params=["memory", "rabbitmq"])
-def bus(request: pytest.FixtureRequest) -> Iterator[tuple[str, Broker]]:
-    """(broker URL, names): memory:// in this process, or RabbitMQ with unique names."""
-    if request.param == "memory":
-        b = Broker("memory://")
-        yield "memory://", b
-        return
-    b = request.getfixturevalue("broker")
-    yield b.url, b
 
 
 @pytest.fixture
@@ -427,25 +405,48 @@ def test_async_handlers_are_awaited_with_the_same_guarantees(
 ) -> None:
     url, names = bus
     svc = names.service("coro", retry_delay=0.05, max_attempts=3)
-    attempts: list[int] = []
+    attempts: list[tuple[str, int]] = []
 
     @svc.handles(UserLoggedIn)
     async def remember(event: UserLoggedIn, ctx: Context) -> None:
         await asyncio.sleep(0.001)
-        attempts.append(ctx.attempt)
+        attempts.append((event.user_id, ctx.attempt))
         ctx.connection.execute(sa.insert(effects).values(event_id=str(event.event_id)))
-        if event.user_id == "flaky" and ctx.attempt == 1:
-            raise RuntimeError("the first attempt fails after writing")
+        if event.user_id == "doomed" or (event.user_id == "flaky" and ctx.attempt == 1):
+            raise RuntimeError(f"attempt {ctx.attempt} fails after writing")
 
-    stored = store.append("u-1", [UserLoggedIn(user_id="steady"), UserLoggedIn(user_id="flaky")])
+    stored = store.append(
+        "u-1",
+        [UserLoggedIn(user_id="steady"), UserLoggedIn(user_id="flaky")],
+    )
+    (doomed,) = store.append("u-2", [UserLoggedIn(user_id="doomed")])
+    handler = svc.handlers["remember"]
     worker = Worker(svc, broker_url=url, store=store, exchange=names.exchange)
     with running(worker):
         assert worker.ready.wait(60)
         Relay(store, url, exchange=names.exchange, name=names.exchange).publish_pending()
-        wait_for(lambda: worker.counts["processed"] == 2, what="both events processed")
-    assert sorted(attempts) == [1, 1, 2]  # steady once; flaky failed once, then succeeded
+        wait_for(
+            lambda: worker.counts["processed"] == 2 and worker.counts["dead"] == 1,
+            what="two events processed, one dead-lettered",
+        )
+    assert sorted(attempts) == [
+        ("doomed", 1),
+        ("doomed", 2),
+        ("doomed", 3),
+        ("flaky", 1),
+        ("flaky", 2),
+        ("steady", 1),
+    ]  # steady once; flaky failed once, then succeeded; doomed used its 3 attempts
+    # Each failed attempt's write was rolled back; the successes took effect once.
     assert count_effects(store, effects) == {str(e.event_id): 1 for e in stored}
-    assert worker.counts == {"processed": 2, "duplicate": 0, "retried": 1, "dead": 0}
+    assert worker.counts == {"processed": 2, "duplicate": 0, "retried": 3, "dead": 1}
+    with kombu.Connection(url) as conn:
+        letter = conn.SimpleQueue(handler.dead_letter_queue).get(timeout=10)
+        assert letter.properties["message_id"] == str(doomed.event_id)
+        assert letter.headers["x-attempts"] == 3
+        assert letter.headers["x-exception"] == "RuntimeError"
+        assert letter.headers["x-exception-message"] == "attempt 3 fails after writing"
+        letter.ack()
 
 
 def test_a_deleted_retry_queue_is_declared_again_and_nothing_is_lost(

@@ -222,3 +222,14 @@ def test_upcaster_registration_is_checked() -> None:
         Renamed.upcaster(from_version=1)(lambda p: p)
     with pytest.raises(EventDefinitionError, match="makes no sense"):
         Renamed.upcaster(from_version=3)(lambda p: p)
+
+
+def test_json_beyond_what_orjson_takes_is_handled_as_before() -> None:
+    from eventbus.events import dumps, loads
+
+    big = 2**70
+    assert loads(dumps({"n": big})) == {"n": big}  # beyond 64 bits: the standard library
+    assert loads('{"x": NaN}')["x"] != loads('{"x": NaN}')["x"]  # as json.loads reads it
+    assert loads(b'{"a": [1, "\\u00e9"]}') == {"a": [1, "é"]}
+    with pytest.raises(ValueError):
+        loads(b"\xff not json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 
 import pytest
@@ -10,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from eventbus import Aggregate, ConcurrencyError, DuplicateEventError, EventStore, StoreError
 from eventbus.events import Event
+from eventbus.tables import snapshots
 from tests.events_fixtures import Counted, ImageUploaded, UserLoggedIn
 
 
@@ -198,3 +200,65 @@ def test_aggregate_is_rebuilt_from_its_stream_and_saved_with_expected_version(
     with pytest.raises(ConcurrencyError):
         stale.save(store)
     assert Account.load(store, "ada").logins == ["1.1.1.1", "2.2.2.2", "3.3.3.3"]
+
+
+class SnapshottedAccount(Account):
+    stream_prefix = "account"
+    snapshot_every = 10
+    applied = 0
+
+    def apply(self, event: Event) -> None:
+        type(self).applied += 1
+        super().apply(event)
+
+
+def test_snapshots_every_n_events_load_the_same_state_from_fewer_events(
+    store: EventStore,
+) -> None:
+    acc = SnapshottedAccount("bob")
+    for batch in range(7):  # 35 events in saves of 5: snapshots at 10, 20 and 30
+        for i in range(5):
+            acc.login(f"10.0.{batch}.{i}")
+        acc.save(store)
+    with store.reader() as conn:
+        row = conn.execute(sa.select(snapshots)).one()
+    assert (row.stream_id, row.stream_version, row.state_version) == ("account-bob", 30, 1)
+    SnapshottedAccount.applied = 0
+    fast = SnapshottedAccount.load(store, "bob")
+    assert SnapshottedAccount.applied == 5  # the snapshot, then the 5 events after it
+    full = SnapshottedAccount.load(store, "bob", use_snapshot=False)
+    plain = Account.load(store, "bob")
+    assert fast.logins == full.logins == plain.logins and len(fast.logins) == 35
+    assert fast.version == full.version == plain.version == 35
+    fast.login("1.2.3.4")  # a snapshot-loaded aggregate saves with the right expected_version
+    fast.save(store)
+    assert Account.load(store, "bob").logins[-1] == "1.2.3.4"
+
+
+def test_a_snapshot_of_another_state_version_is_ignored(store: EventStore) -> None:
+    acc = SnapshottedAccount("cy")
+    for i in range(12):
+        acc.login(f"10.1.0.{i}")
+    acc.save(store)
+
+    class Reshaped(SnapshottedAccount):
+        snapshot_version = 2
+
+    Reshaped.applied = 0
+    loaded = Reshaped.load(store, "cy")
+    assert Reshaped.applied == 12 and len(loaded.logins) == 12
+
+
+def test_a_snapshot_that_is_not_json_says_why_and_keeps_the_events(store: EventStore) -> None:
+    class Clock(SnapshottedAccount):
+        def apply(self, event: Event) -> None:
+            super().apply(event)
+            self.last_seen = dt.datetime.now(dt.UTC)  # not a JSON value
+
+    clock = Clock("dee")
+    for i in range(10):
+        clock.login(f"10.2.0.{i}")
+    with pytest.raises(StoreError, match="nothing saved: its state at version 10 cannot be"):
+        clock.save(store)
+    assert store.stream_version("account-dee") == 0
+    assert clock.version == 0 and len(clock.pending) == 10  # as before the save

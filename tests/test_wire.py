@@ -27,6 +27,7 @@ from eventbus import EventStore, Relay, Service, Worker
 from eventbus.errors import MalformedMessage
 from eventbus.events import Event
 from eventbus.migrate import upgrade
+from eventbus.topics import topic_matches
 from eventbus.wire import decode, encode
 from tests.conftest import Broker
 from tests.events_fixtures import Counted, ImageUploaded, UserLoggedIn
@@ -611,12 +612,20 @@ def test_topic_bindings_route_the_same_on_rabbitmq_and_memory(
             store.append(f"topic-{i}", [cls(n=i)])
         on_rabbitmq = route_all(broker.url, broker, store)
         on_memory = route_all("memory://", Broker("memory://"), store)
+        # What projections and replay read from the store by pattern agrees with the broker.
+        from_store = {
+            pattern: sorted(e.routing_key for e in store.read_all(patterns=[pattern]))
+            for pattern in EXPECTED_ROUTES
+        }
     finally:
         store.close()
     expected = {pattern: sorted(keys) for pattern, keys in EXPECTED_ROUTES.items()}
     assert on_rabbitmq == expected
     assert on_memory == expected
     assert on_memory == on_rabbitmq
+    assert from_store == on_rabbitmq
+    keys = [cls.routing_key for cls in TOPIC_EVENTS]
+    assert {p: sorted(k for k in keys if topic_matches(p, k)) for p in EXPECTED_ROUTES} == expected
 
 
 # -- removed patterns are unbound --------------------------------------------------------------

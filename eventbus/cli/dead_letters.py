@@ -1,0 +1,250 @@
+"""``eventbus dead-letters list|show|retry|purge``: see and steer what handlers gave up on."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from eventbus.cli.status import BROKER_HELP, DATABASE_HELP, open_store
+from eventbus.logging import redact
+from eventbus.settings import Settings
+
+T = TypeVar("T")
+
+_QUEUE_HELP = "QUEUE is a handler's queue (<service>.<handler>) or its .dead queue."
+
+
+def _broker(fn: Any) -> Any:
+    return click.option("--broker-url", envvar="EVENTBUS_BROKER_URL", help=BROKER_HELP)(fn)
+
+
+def _ids(fn: Any) -> Any:
+    return click.option(
+        "--id",
+        "ids",
+        multiple=True,
+        metavar="ID",
+        help="Only the dead letter with this id (repeatable); default: all.",
+    )(fn)
+
+
+def _run(command: str, action: Callable[[], T]) -> T:
+    """Run a dead-letter operation; exit 1 with the reason when it cannot be done."""
+    from eventbus.deadletters import DeadLetterError
+
+    try:
+        return action()
+    except DeadLetterError as exc:
+        click.echo(f"eventbus dead-letters {command}: {exc}", err=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        click.echo(
+            f"eventbus dead-letters {command}: cannot reach the broker: {redact(reason)}", err=True
+        )
+    sys.exit(1)
+
+
+@click.group("dead-letters")
+def dead_letters() -> None:
+    """Inspect, retry or purge the messages handlers gave up on (<queue>.dead).
+
+    A message is dead-lettered after its handler failed max_attempts times, or at once when it
+    is malformed. Looking at dead letters leaves them in place and in order; retry sends them
+    back to their queue with fresh attempts; purge deletes them.
+    """
+
+
+@dead_letters.command("list")
+@click.argument("queue", required=False)
+@_broker
+@click.option("--database-url", envvar="EVENTBUS_DATABASE_URL", help=DATABASE_HELP)
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=0))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def list_(
+    queue: str | None, broker_url: str | None, database_url: str | None, limit: int, as_json: bool
+) -> None:
+    """List the dead letters of QUEUE (the first --limit), or, without QUEUE, how many each
+    known handler queue has.
+
+    QUEUE is a handler's queue (<service>.<handler>) or its .dead queue.
+    """
+    from eventbus.deadletters import peek
+
+    url = Settings.from_env(broker_url=broker_url).broker_url
+    if queue is None:
+        _summary(url, database_url, as_json)
+        return
+    seen = _run("list", lambda: peek(url, queue, limit=limit))
+    if as_json:
+        letters = [letter.to_dict(body_limit=1000) for letter in seen.letters]
+        out = {"queue": seen.queue, "dead_letter_queue": seen.dead_letter_queue}
+        click.echo(json.dumps({**out, "total": seen.total, "messages": letters}, indent=2))
+        return
+    shown = f" (the first {len(seen.letters)})" if len(seen.letters) < seen.total else ""
+    click.echo(f"{seen.dead_letter_queue}: {_count(seen.total)}{shown}")
+    if not seen.letters:
+        return
+    rows = [
+        (
+            str(i),
+            letter.id,
+            letter.type or "?",
+            "-" if letter.attempts is None else str(letter.attempts),
+            (letter.failed_at or "?")[:19],
+            _clip(" ".join(letter.reason.split()), 70),
+        )
+        for i, letter in enumerate(seen.letters, start=1)
+    ]
+    header = ("#", "ID", "TYPE", "ATTEMPTS", "FAILED AT", "REASON")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    click.echo(
+        f"show one: eventbus dead-letters show {seen.queue} ID; send back: "
+        f"eventbus dead-letters retry {seen.queue} [--id ID]"
+    )
+
+
+def _summary(broker_url: str, database_url: str | None, as_json: bool) -> None:
+    from eventbus.status import collect
+
+    if broker_url.startswith("memory://"):
+        raise click.UsageError(
+            "dead letters are kept by a broker shared between processes (RabbitMQ): pass "
+            "--broker-url or set EVENTBUS_BROKER_URL"
+        )
+    store = open_store(database_url, "dead-letters list")
+    try:
+        state = collect(store, broker_url, unacked=False)
+    finally:
+        store.close()
+    if state.broker_reachable is False:
+        click.echo(f"eventbus dead-letters list: {state.notes[0]}", err=True)
+        sys.exit(1)
+    counts = {h.queue: h.dead for h in state.handlers if h.dead is not None}
+    if as_json:
+        click.echo(json.dumps({"dead": counts}, indent=2))
+        return
+    dead = {q: n for q, n in counts.items() if n}
+    if not dead:
+        click.echo(f"no dead letters in the {len(counts)} known handler queues")
+        return
+    width = max(len(q) for q in dead)
+    for q, n in dead.items():
+        click.echo(f"{q.ljust(width)}  {_count(n)}")
+    click.echo("list one queue's: eventbus dead-letters list QUEUE")
+
+
+@dead_letters.command()
+@click.argument("queue")
+@click.argument("letter_id", metavar="ID")
+@_broker
+@click.option("--full", is_flag=True, help="The whole body (default: its first 4,000 chars).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def show(queue: str, letter_id: str, broker_url: str | None, full: bool, as_json: bool) -> None:
+    """Show the dead letter ID of QUEUE: its reason, every header and property, its body.
+
+    ID is what 'eventbus dead-letters list' shows (the event id, or body-<hash> for a message
+    without one). QUEUE is a handler's queue or its .dead queue.
+    """
+    from eventbus.deadletters import find, json_safe, queues_of
+
+    url = Settings.from_env(broker_url=broker_url).broker_url
+    letters = _run("show", lambda: find(url, queue, letter_id))
+    dead = queues_of(queue)[1]
+    if not letters:
+        click.echo(f"eventbus dead-letters show: no dead letter {letter_id} in {dead}", err=True)
+        sys.exit(1)
+    limit = None if full else 4000
+    if as_json:
+        click.echo(json.dumps([letter.to_dict(body_limit=limit) for letter in letters], indent=2))
+        return
+    for n, letter in enumerate(letters, start=1):
+        of = f" ({n} of {len(letters)} with this id)" if len(letters) > 1 else ""
+        click.echo(f"dead letter {letter.id} in {dead}{of}")
+        click.echo(f"  reason: {letter.reason}")
+        click.echo("properties:")
+        for key, value in sorted(letter.properties.items()):
+            click.echo(f"  {key}: {_value(json_safe(value))}")
+        click.echo("headers:")
+        for key, value in sorted(letter.headers.items()):
+            click.echo(f"  {key}: {_value(json_safe(value))}")
+        text, form, truncated = letter.body_text(limit)
+        click.echo(f"body ({form}, {len(letter.body):,} bytes):")
+        click.echo(text)
+        if truncated:
+            click.echo(f"... truncated at {limit:,} characters; --full shows all")
+
+
+@dead_letters.command()
+@click.argument("queue")
+@_ids
+@_broker
+def retry(queue: str, ids: tuple[str, ...], broker_url: str | None) -> None:
+    """Send dead letters of QUEUE back to it (all, or --id ID ...), with fresh attempts.
+
+    Each is republished to the handler's queue (persistent, confirmed by the broker) without
+    the headers of its failure, and only then removed from the .dead queue: nothing is lost,
+    and a crash in between gives a duplicate that the handler drops by its event id.
+    QUEUE is a handler's queue or its .dead queue.
+    """
+    from eventbus.deadletters import retry as run_retry
+
+    url = Settings.from_env(broker_url=broker_url).broker_url
+    done = _run("retry", lambda: run_retry(url, queue, ids=ids or None))
+    click.echo(f"retried {_count(done.done)} from {done.dead_letter_queue} to {done.queue}")
+    if done.missing:
+        click.echo(f"eventbus dead-letters retry: not found: {', '.join(done.missing)}", err=True)
+        sys.exit(1)
+
+
+@dead_letters.command()
+@click.argument("queue")
+@_ids
+@_broker
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def purge(queue: str, ids: tuple[str, ...], broker_url: str | None, yes: bool) -> None:
+    """Delete dead letters of QUEUE (all, or --id ID ...); asks first unless --yes.
+
+    QUEUE is a handler's queue or its .dead queue. Deleted messages are gone from the broker;
+    the events themselves stay in the store (eventbus replay can feed them again).
+    """
+    from eventbus.deadletters import peek, queues_of
+    from eventbus.deadletters import purge as run_purge
+
+    url = Settings.from_env(broker_url=broker_url).broker_url
+    dead = queues_of(queue)[1]
+    if ids:
+        seen = _run("purge", lambda: peek(url, queue, limit=None))
+        count = sum(1 for letter in seen.letters if letter.id in set(ids))
+    else:
+        count = _run("purge", lambda: peek(url, queue, limit=0)).total
+    if count == 0:
+        click.echo(f"nothing to purge in {dead}")
+        if ids:
+            click.echo(f"eventbus dead-letters purge: not found: {', '.join(ids)}", err=True)
+            sys.exit(1)
+        return
+    if not yes:
+        click.confirm(f"Delete {_count(count)} from {dead}? This cannot be undone", abort=True)
+    done = _run("purge", lambda: run_purge(url, queue, ids=ids or None, at_most=count))
+    click.echo(f"purged {_count(done.done)} from {done.dead_letter_queue}")
+    if done.missing:
+        click.echo(f"eventbus dead-letters purge: not found: {', '.join(done.missing)}", err=True)
+        sys.exit(1)
+
+
+def _count(n: int) -> str:
+    return f"{n:,} dead letter" + ("" if n == 1 else "s")
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)

@@ -1,0 +1,58 @@
+"""``eventbus respond MODULE[:RESPONDERS]``: answer requests (``eventbus.rpc``) until SIGTERM."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import click
+
+from eventbus.logging import redact
+from eventbus.settings import Settings
+
+if TYPE_CHECKING:
+    from eventbus.rpc import Responders
+
+
+@click.command()
+@click.argument("target")
+@click.option(
+    "--broker-url",
+    envvar="EVENTBUS_BROKER_URL",
+    default=None,
+    help="Broker URL [env: EVENTBUS_BROKER_URL; default: memory://, refused here].",
+)
+@click.option("--concurrency", default=1, show_default=True, help="Handler threads.")
+def respond(target: str, broker_url: str | None, concurrency: int) -> None:
+    """Answer the requests of a Responders group: TARGET is MODULE or MODULE:RESPONDERS.
+
+    Several processes may answer the same requests: they compete for them. SIGTERM/SIGINT
+    finish the requests in flight, then exit 0.
+    """
+    from eventbus.rpc import ResponderRunner
+
+    responders = _load(target)
+    url = Settings.from_env(broker_url=broker_url).broker_url
+    if url.startswith("memory://"):
+        click.echo(
+            "eventbus respond: memory:// carries messages within one process only; a responder "
+            "in its own process reaches no caller. Use a RabbitMQ URL, or run the responders "
+            "inside your application (Responders.start(url)).",
+            err=True,
+        )
+        sys.exit(2)
+    if concurrency < 1:
+        raise click.UsageError("--concurrency must be >= 1")
+    try:
+        ResponderRunner(responders, url, concurrency=concurrency).run()
+    except Exception as exc:
+        click.echo(f"eventbus respond: {redact(f'{type(exc).__name__}: {exc}')}", err=True)
+        sys.exit(1)
+
+
+def _load(target: str) -> Responders:
+    from eventbus.cli import load_target
+    from eventbus.rpc import Responders
+
+    found: Responders = load_target(target, Responders, "Responders group", "RESPONDERS")
+    return found

@@ -1,0 +1,167 @@
+"""``eventbus status``: every handler's queue depth, consumers, unacked, lag and dead letters."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from eventbus.logging import redact
+from eventbus.settings import Settings
+
+DATABASE_HELP = "Database URL [env: EVENTBUS_DATABASE_URL; default: sqlite:///eventbus.db]."
+BROKER_HELP = "Broker URL [env: EVENTBUS_BROKER_URL; default: memory://]."
+MANAGEMENT_HELP = (
+    "RabbitMQ management API, for unacked counts [env: EVENTBUS_MANAGEMENT_URL; default: "
+    "http://<broker host>:15672 with the broker URL's user and password]."
+)
+
+
+def store_options(fn: Any) -> Any:
+    """--broker-url, --database-url and --management-url, read from the environment too."""
+    for option in reversed(
+        [
+            click.option("--broker-url", envvar="EVENTBUS_BROKER_URL", help=BROKER_HELP),
+            click.option("--database-url", envvar="EVENTBUS_DATABASE_URL", help=DATABASE_HELP),
+            click.option(
+                "--management-url", envvar="EVENTBUS_MANAGEMENT_URL", help=MANAGEMENT_HELP
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def open_store(database_url: str | None, command: str) -> Any:
+    """The event store, or exit 1 saying why it cannot be read."""
+    import sqlalchemy as sa
+
+    from eventbus.store import EventStore
+    from eventbus.tables import events
+
+    url = Settings.from_env(database_url=database_url).database_url
+    path = sa.make_url(url).database if url.startswith("sqlite") else None
+    if path and path != ":memory:" and not os.path.exists(path):
+        click.echo(
+            f"eventbus {command}: there is no database at {path}; create it with "
+            "'eventbus db upgrade', or pass --database-url / EVENTBUS_DATABASE_URL",
+            err=True,
+        )
+        sys.exit(1)
+    store = EventStore(url)
+    try:
+        with store.reader() as conn:
+            conn.execute(sa.select(events.c.position).limit(1))
+    except Exception as exc:
+        store.close()
+        hint = " (has 'eventbus db upgrade' run on it?)" if "eventbus_" in str(exc) else ""
+        click.echo(
+            f"eventbus {command}: cannot read the store at {redact(url)}: "
+            f"{redact(_first_line(exc))}{hint}",
+            err=True,
+        )
+        sys.exit(1)
+    return store
+
+
+def target_queues(target: str | None) -> list[str] | None:
+    """The queues of the service MODULE[:SERVICE] names, or None for every known queue."""
+    if target is None:
+        return None
+    from eventbus.cli import load_service
+
+    service = load_service(target)
+    return [h.queue for h in service.handlers.values()]
+
+
+@click.command()
+@click.argument("target", required=False)
+@store_options
+@click.option(
+    "--exchange",
+    default=None,
+    help="Only queues bound to this exchange (default: every queue in eventbus_bindings).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (documented in the README).")
+@click.option(
+    "--max-lag",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Exit 1 if a handler or relay is more than N positions behind the head.",
+)
+@click.option(
+    "--max-dead",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Exit 1 if a queue has more than N dead letters.",
+)
+@click.option(
+    "--max-depth",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Exit 1 if a queue has more than N messages ready.",
+)
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the broker.")
+def status(
+    target: str | None,
+    broker_url: str | None,
+    database_url: str | None,
+    management_url: str | None,
+    exchange: str | None,
+    as_json: bool,
+    max_lag: int | None,
+    max_dead: int | None,
+    max_depth: int | None,
+    timeout: float,
+) -> None:
+    """Show every handler's queue depth, consumers, unacked, lag, dead letters and pause,
+    and each relay's lag.
+
+    TARGET (MODULE or MODULE:SERVICE) narrows it to one service's handlers. Lag is in
+    positions of the global order: the store's head minus the last position the handler
+    processed (a projection: its checkpoint). With --max-lag/--max-dead/--max-depth it exits 1
+    when one is exceeded (and says which), else 0: usable as a health check.
+    """
+    from eventbus.status import collect, exceeded, render, to_dict
+
+    settings = Settings.from_env(broker_url=broker_url)
+    queues = target_queues(target)
+    if settings.broker_url.startswith("memory://") and (
+        max_dead is not None or max_depth is not None
+    ):
+        raise click.UsageError(
+            "--max-dead and --max-depth need a broker shared between processes (RabbitMQ): "
+            "memory:// queues live inside one process"
+        )
+    store = open_store(database_url, "status")
+    try:
+        state = collect(
+            store,
+            settings.broker_url,
+            exchange=exchange,
+            queues=queues,
+            management_url=management_url,
+            timeout=timeout,
+        )
+    except Exception as exc:
+        click.echo(f"eventbus status: {redact(_first_line(exc))}", err=True)
+        sys.exit(1)
+    finally:
+        store.close()
+    problems = exceeded(state, max_lag=max_lag, max_dead=max_dead, max_depth=max_depth)
+    if as_json:
+        click.echo(json.dumps(to_dict(state, problems), indent=2))
+    else:
+        click.echo(render(state))
+    for problem in problems:
+        click.echo(f"eventbus status: exceeded: {problem.message}", err=True)
+    if problems:
+        sys.exit(1)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,226 @@
+"""One event through one handler inside the caller's transaction: the step that live delivery
+(the worker), replay and catch-up share, and the bookkeeping that makes its effect happen once.
+
+- ``record_processed``: a handler's record of the events it processed (insert, on conflict do
+  nothing); the events it returns are the fresh ones, the others are repeats to skip.
+- ``invoke``: run the handler with a ``Context`` whose connection is a savepoint of the caller's
+  transaction; an exception rolls the savepoint back and is returned, not raised.
+- ``lock_checkpoint`` / ``save_checkpoint``: a subscriber's place in the global order, read under
+  a row lock, so that a projection's live worker and a replay of it never apply the same event.
+- ``record_failure``: an event a subscriber gave up on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from eventbus.events import Event
+from eventbus.logging import redact
+from eventbus.store import EventStore, Undecodable
+from eventbus.subscriptions import Context, Handler
+from eventbus.tables import checkpoints as CP
+from eventbus.tables import failures as F
+from eventbus.tables import processed as P
+
+
+def log_context(handler: Handler, event: Event | None, attempt: int | None) -> dict[str, Any]:
+    """The fields every log line about ``event`` in ``handler`` carries."""
+    values: dict[str, Any] = {"queue": handler.queue, "handler": handler.name}
+    if event is not None:
+        values.update(
+            event_id=str(event.event_id),
+            event_type=event.type,
+            correlation_id=event.correlation_id,
+            position=event.position,
+        )
+    if attempt is not None:
+        values["attempt"] = attempt
+    return values
+
+
+def invoke(
+    handler: Handler,
+    event: Event,
+    db: Connection,
+    *,
+    store: EventStore,
+    attempt: int,
+    log: Any,
+    replaying: bool = False,
+    dry_run: bool = False,
+) -> BaseException | None:
+    """Run ``handler`` on ``event`` in ``db``'s transaction; the exception it raised, or None.
+
+    What the handler wrote through ``ctx.connection`` is rolled back if it raised.
+    """
+    context = log_context(handler, event, attempt)
+    bound = log.bind(**context)
+    ctx = Context(
+        handler=handler.name,
+        queue=handler.queue,
+        attempt=attempt,
+        log=bound,
+        store=store,
+        _connection=db,
+        event=event,
+        replaying=replaying,
+        dry_run=dry_run,
+    )
+    # bind/reset with tokens: bound_contextvars() copies the whole context per call.
+    tokens = structlog.contextvars.bind_contextvars(**context)
+    try:
+        try:
+            handler(event, ctx)
+        finally:
+            structlog.contextvars.reset_contextvars(**tokens)
+        if ctx._savepoint is not None and ctx._savepoint.is_active:
+            ctx._savepoint.commit()
+    except Exception as exc:
+        if ctx._savepoint is not None and ctx._savepoint.is_active:
+            ctx._savepoint.rollback()
+        bound.warning("event.failed", error=redact(describe(exc)))
+        return exc
+    return None
+
+
+def describe(exc: BaseException) -> str:
+    """``ExceptionClass: message``, on one line."""
+    return f"{type(exc).__name__}: {exc}".strip().replace("\n", " ")
+
+
+# -- processed records ------------------------------------------------------------------------
+
+# One fixed statement for any batch size (compiled and prepared once): the event ids and
+# positions travel as two arrays.
+_PG_INSERT_PROCESSED = sa.text(
+    "INSERT INTO eventbus_processed (handler, event_id, position, processed_at) "
+    "SELECT :handler, e.event_id, e.position, :now "
+    "FROM unnest(CAST(:event_ids AS uuid[]), CAST(:positions AS bigint[])) "
+    "AS e(event_id, position) "
+    "ON CONFLICT DO NOTHING RETURNING event_id"
+).columns(event_id=sa.Uuid)
+
+_SQLITE_INSERT_PROCESSED = sqlite.insert(P).on_conflict_do_nothing().returning(P.c.event_id)
+
+RecordProcessed = Callable[[Connection, str, Sequence[Event], dt.datetime], list[Any]]
+
+
+def processed_recorder(dialect: str) -> RecordProcessed:
+    """``record(db, queue, events, now)``: record events as processed; returns the new ids.
+
+    On PostgreSQL a concurrent transaction recording the same event makes this wait for it,
+    then skip the event if it committed.
+    """
+    if dialect == "postgresql":
+
+        def insert_pg(
+            db: Connection, handler: str, events: Sequence[Event], now: dt.datetime
+        ) -> list[Any]:
+            ordered = sorted(events, key=lambda e: e.event_id)  # one lock order: no deadlocks
+            params = {
+                "handler": handler,
+                "now": now,
+                "event_ids": [e.event_id for e in ordered],
+                "positions": [e.position for e in ordered],
+            }
+            return list(db.execute(_PG_INSERT_PROCESSED, params).scalars())
+
+        return insert_pg
+
+    def insert_sqlite(
+        db: Connection, handler: str, events: Sequence[Event], now: dt.datetime
+    ) -> list[Any]:
+        rows = [
+            dict(handler=handler, event_id=e.event_id, position=e.position, processed_at=now)
+            for e in sorted(events, key=lambda e: e.event_id)
+        ]
+        return list(db.execute(_SQLITE_INSERT_PROCESSED.values(rows)).scalars())
+
+    return insert_sqlite
+
+
+def forget_processed(db: Connection, queue: str, events: Sequence[Event]) -> None:
+    """Remove processed records (the handler failed on them: they may run again)."""
+    if events:
+        db.execute(
+            sa.delete(P).where(P.c.handler == queue, P.c.event_id.in_([e.event_id for e in events]))
+        )
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+def lock_checkpoint(db: Connection, subscriber: str) -> tuple[int, bool] | None:
+    """``(position, caught_up)`` of ``subscriber``, row-locked until the transaction ends.
+
+    None when it has none yet. On SQLite the write transaction itself is the lock
+    (``BEGIN IMMEDIATE``).
+    """
+    query = sa.select(CP.c.position, CP.c.caught_up).where(CP.c.subscriber == subscriber)
+    if db.dialect.name == "postgresql":
+        query = query.with_for_update()
+    row = db.execute(query).first()
+    return None if row is None else (int(row.position), bool(row.caught_up))
+
+
+def read_checkpoint(db: Connection, subscriber: str) -> tuple[int, bool] | None:
+    """``(position, caught_up)`` of ``subscriber`` without locking it; None if it has none."""
+    row = db.execute(
+        sa.select(CP.c.position, CP.c.caught_up).where(CP.c.subscriber == subscriber)
+    ).first()
+    return None if row is None else (int(row.position), bool(row.caught_up))
+
+
+def save_checkpoint(db: Connection, subscriber: str, position: int, caught_up: bool) -> None:
+    """Set ``subscriber``'s checkpoint (an upsert)."""
+    values = {
+        "subscriber": subscriber,
+        "position": position,
+        "caught_up": caught_up,
+        "updated_at": dt.datetime.now(dt.UTC),
+    }
+    insert = postgresql.insert(CP) if db.dialect.name == "postgresql" else sqlite.insert(CP)
+    db.execute(
+        insert.values(values).on_conflict_do_update(
+            index_elements=[CP.c.subscriber],
+            set_={k: v for k, v in values.items() if k != "subscriber"},
+        )
+    )
+
+
+def ensure_checkpoint(db: Connection, subscriber: str, position: int, caught_up: bool) -> None:
+    """Create ``subscriber``'s checkpoint if it has none (a no-op otherwise)."""
+    values = {
+        "subscriber": subscriber,
+        "position": position,
+        "caught_up": caught_up,
+        "updated_at": dt.datetime.now(dt.UTC),
+    }
+    insert = postgresql.insert(CP) if db.dialect.name == "postgresql" else sqlite.insert(CP)
+    db.execute(insert.values(values).on_conflict_do_nothing(index_elements=[CP.c.subscriber]))
+
+
+def record_failure(db: Connection, subscriber: str, event: Event | Undecodable, error: str) -> None:
+    """Remember that ``subscriber`` gave up on ``event`` (the latest error wins)."""
+    values = {
+        "subscriber": subscriber,
+        "event_id": event.event_id,
+        "position": event.position,
+        "event_type": event.type,
+        "error": error[:4000],
+        "failed_at": dt.datetime.now(dt.UTC),
+    }
+    insert = postgresql.insert(F) if db.dialect.name == "postgresql" else sqlite.insert(F)
+    db.execute(
+        insert.values(values).on_conflict_do_update(
+            index_elements=[F.c.subscriber, F.c.event_id],
+            set_={"error": values["error"], "failed_at": values["failed_at"]},
+        )
+    )

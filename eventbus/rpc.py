@@ -1,0 +1,983 @@
+"""Request/reply: a command or query to one responder, and its answer, over the broker.
+
+Events tell whoever listens what happened, later; a request asks one responder for an answer now::
+
+    billing = Responders("billing")
+
+    @billing.answers(GetInvoice)               # its queue is the request's type name
+    def invoice_total(request: GetInvoice, ctx: RequestContext) -> InvoiceTotal:
+        return InvoiceTotal(amount=...)
+
+    billing.run(broker_url)                    # or: eventbus respond myapp.billing
+
+    client = RequestClient(broker_url)
+    total = client.call(GetInvoice(invoice_id="i-1"), timeout=5.0)
+
+How, and what is promised:
+- requests and replies are ``Event`` subclasses: validated, JSON on the wire in the event wire
+  format plus ``reply_to`` and ``correlation_id`` (the request id), never pickle;
+- a request is published to the default exchange with its type name as routing key, non-persistent,
+  ``mandatory`` and expiring with the caller's timeout. Each request type has one durable queue of
+  that name, declared by its responders, which compete for it. No such queue: the broker returns
+  the request and the caller gets ``NoResponder`` at once. No reply in time: ``RequestTimeout``,
+  saying whether the request reached the queue and how many responders consume from it;
+- the caller receives replies through RabbitMQ's direct reply-to (``amq.rabbitmq.reply-to``: no
+  reply queue to declare or clean up); on kombu's virtual transports (``memory://``) through a
+  private queue per client. Replies whose correlation id no call waits for (late ones) are
+  dropped and logged;
+- a responder runs its functions on handler threads (the connection's thread keeps heartbeats
+  flowing), publishes the reply with a publisher confirm, and only then acks the request. A
+  responder that dies before the ack leaves the request to another one, so a request may run more
+  than once: the caller takes the first reply and drops the rest. Making commands idempotent is
+  the responder's job (``request.event_id`` is the request id, ``ctx.redelivered`` a hint);
+- an invalid request, an exception or a return value that is not an event becomes an error reply;
+  the caller raises ``RemoteError`` naming the request type, the responder and the exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import functools
+import inspect
+import os
+import queue as queues
+import random
+import re
+import select
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, TypeVar
+
+import amqp
+import amqp.exceptions
+import kombu
+import kombu.exceptions
+import structlog
+
+from eventbus._connect import connect
+from eventbus.errors import (
+    BusError,
+    HandlerDefinitionError,
+    MalformedMessage,
+    NoResponder,
+    RemoteError,
+    RequestError,
+    RequestTimeout,
+)
+from eventbus.events import Event, dumps, loads
+from eventbus.logging import redact
+from eventbus.publisher import Publisher, PublishError, is_amqp
+from eventbus.wire import CONTENT_TYPE, Message, decode, encode
+
+__all__ = ["RequestClient", "RequestContext", "ResponderRunner", "Responders"]
+
+log = structlog.get_logger("eventbus.rpc")
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+ERROR_TYPE = "eventbus.error"  # the ``type`` of an error reply
+RESPONDER_HEADER = "x-responder"  # on every reply: which function answered
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestContext:
+    """What an answering function may use besides its request."""
+
+    responder: str  # "<responders>.<function>", as error replies and log lines name it
+    correlation_id: str  # the caller's; the reply carries it back
+    redelivered: bool  # a responder may have taken this request before (and died)
+    log: Any  # a structlog logger bound to the request type, correlation id and responder
+
+
+@dataclasses.dataclass(frozen=True)
+class _Answer:
+    responder: str
+    request_class: type[Event]
+    function: Callable[..., Any]
+    wants_context: bool
+
+    @property
+    def queue(self) -> str:
+        return self.request_class.type
+
+    def __call__(self, request: Event, ctx: RequestContext) -> Any:
+        result = self.function(request, ctx) if self.wants_context else self.function(request)
+        if inspect.isawaitable(result):  # ``async def``: run to completion on this thread
+            return _event_loop().run_until_complete(result)
+        return result
+
+
+class Responders:
+    """A named group of functions that answer requests; run together by ``eventbus respond``.
+
+    Each function answers one request type and returns the reply (an ``Event``). Its queue is
+    the request's type name, so every process running it competes for the same requests.
+    """
+
+    def __init__(self, name: str) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise HandlerDefinitionError(
+                f"responders name {name!r} must be letters, digits, '_' or '-'"
+            )
+        self.name = name
+        self.handlers: dict[str, _Answer] = {}  # request type -> its answer
+
+    def __repr__(self) -> str:
+        return f"Responders({self.name!r}, requests={sorted(self.handlers)})"
+
+    def answers(self, request_class: type[Event]) -> Callable[[F], F]:
+        """Register the decorated function as the answer to ``request_class``.
+
+        It takes the request, or the request and a ``RequestContext``, and returns the reply
+        event (it may be ``async def``). An exception it raises is sent back as an error reply.
+        """
+        if not (isinstance(request_class, type) and issubclass(request_class, Event)):
+            raise HandlerDefinitionError(
+                f"{self.name}: answers() takes an Event class, not {request_class!r}"
+            )
+        if not request_class.type:
+            raise HandlerDefinitionError(f"{self.name}: {request_class.__name__} is abstract")
+
+        def register(function: F) -> F:
+            taken = self.handlers.get(request_class.type)
+            if taken is not None:
+                raise HandlerDefinitionError(
+                    f"{self.name}: {request_class.type!r} is already answered by {taken.responder}"
+                )
+            self.handlers[request_class.type] = _Answer(
+                responder=f"{self.name}.{function.__name__}",
+                request_class=request_class,
+                function=function,
+                wants_context=_wants_context(self.name, function),
+            )
+            return function
+
+        return register
+
+    def run(self, broker_url: str, *, concurrency: int = 1, heartbeat: int = 30) -> None:
+        """Answer requests until SIGTERM/SIGINT (in the main thread) or an unrecoverable error."""
+        ResponderRunner(self, broker_url, concurrency=concurrency, heartbeat=heartbeat).run()
+
+    def start(
+        self, broker_url: str, *, concurrency: int = 1, heartbeat: int = 30
+    ) -> ResponderRunner:
+        """Answer requests in a daemon thread of this process, once it consumes (``.stop()`` it)."""
+        runner = ResponderRunner(self, broker_url, concurrency=concurrency, heartbeat=heartbeat)
+        return runner.start()
+
+
+def _wants_context(name: str, function: Callable[..., Any]) -> bool:
+    try:
+        params = list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in params) or len(positional) >= 2:
+        return True
+    if len(positional) == 1:
+        return False
+    raise HandlerDefinitionError(
+        f"{name}.{getattr(function, '__name__', function)} must take the request "
+        "(and optionally a RequestContext) as arguments"
+    )
+
+
+_loops = threading.local()
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    loop: asyncio.AbstractEventLoop | None = getattr(_loops, "loop", None)
+    if loop is None or loop.is_closed():
+        loop = _loops.loop = asyncio.new_event_loop()
+    return loop
+
+
+# -- responding ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class _Delivery:
+    body: bytes
+    properties: dict[str, Any]
+    headers: dict[str, Any]
+    redelivered: bool
+    ack: Callable[[], None]
+    reject: Callable[[bool], None]  # reject(requeue)
+
+
+@dataclasses.dataclass
+class _Job:
+    generation: int
+    answer: _Answer
+    delivery: _Delivery
+    reply_to: str | None = None
+    correlation_id: str | None = None  # the caller's, copied onto the reply
+    reply: Message | None = None
+    requeue: bool = False  # stopping: not started, back to the queue
+
+
+class ResponderRunner:
+    """Consumes the request queues of one ``Responders`` group and sends the replies.
+
+    One thread owns the broker connection (declares the queues, receives requests, publishes
+    replies, acks, keeps heartbeats flowing); ``concurrency`` handler threads run the answering
+    functions. Each queue's prefetch is ``concurrency``, so requests wait in the broker, where an
+    idle competing responder can take them, rather than here. A lost connection is
+    re-established with backoff; requests in flight on it are redelivered by the broker.
+    """
+
+    def __init__(
+        self,
+        responders: Responders,
+        broker_url: str,
+        *,
+        concurrency: int = 1,
+        heartbeat: int = 30,
+        max_backoff: float = 10.0,
+    ) -> None:
+        if not responders.handlers:
+            raise ValueError(f"responders {responders.name!r} answer no requests")
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self.responders = responders
+        self.broker_url = broker_url
+        self.concurrency = concurrency
+        self.heartbeat = heartbeat
+        self.max_backoff = max_backoff
+        self.counts = {"answered": 0, "failed": 0}  # failed: error replies sent
+        self.ready = threading.Event()  # set while consuming
+        self.error: BaseException | None = None  # why run() gave up, if it did
+        self._stop = threading.Event()
+        self._generation = 0
+        self._failures = 0
+        self._jobs: queues.Queue[_Job | None] = queues.Queue()
+        self._done: queues.Queue[_Job] = queues.Queue()
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._wake_r = self._wake_w = -1
+        self._log = log.bind(responders=responders.name, pid=os.getpid())
+
+    def run(self, *, install_signal_handlers: bool = True) -> None:
+        """Answer until stopped; SIGTERM/SIGINT stop it gracefully when run in the main thread.
+
+        Stopping cancels consumption, lets the requests in flight finish and be answered and
+        acked, and puts the ones not started back in the queue.
+        """
+        if install_signal_handlers and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda signum, _frame: self._on_signal(signum))
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        threads = [
+            threading.Thread(target=self._handle_loop, name=f"eventbus-responder-{i}", daemon=True)
+            for i in range(self.concurrency)
+        ]
+        for t in threads:
+            t.start()
+        self._log.info(
+            "responder.started",
+            broker=redact(self.broker_url),
+            queues=sorted(self.responders.handlers),
+            concurrency=self.concurrency,
+        )
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._serve()
+                except _connection_errors() as exc:
+                    self.ready.clear()
+                    self._failures += 1
+                    with self._lock:
+                        self._generation += 1  # replies for the lost channel are dropped
+                    delay = min(self.max_backoff, 0.1 * 2 ** min(self._failures, 10))
+                    delay *= random.uniform(0.5, 1.0)
+                    self._log.warning(
+                        "responder.reconnecting",
+                        error=redact(f"{type(exc).__name__}: {exc}"),
+                        attempt=self._failures,
+                        retry_in=round(delay, 2),
+                    )
+                    self._stop.wait(delay)
+        except BaseException as exc:
+            self.error = exc
+            self._log.error("responder.failed", error=redact(f"{type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            self.ready.clear()
+            for _ in threads:
+                self._jobs.put(None)
+            for t in threads:
+                t.join(timeout=60)
+            pipe = (self._wake_r, self._wake_w)
+            self._wake_r = self._wake_w = -1
+            for fd in pipe:
+                os.close(fd)
+            self._log.info("responder.stopped", **self.counts)
+
+    def start(self, *, timeout: float = 30.0) -> ResponderRunner:
+        """Run in a daemon thread of this process; return once it consumes its queues.
+
+        Raises ``BusError`` if it gave up (the cause is chained) or does not consume within
+        ``timeout`` seconds (it is stopped then), so that calls made next find its queues.
+        """
+        self._stop.clear()
+        self.error = None
+        thread = self._thread = threading.Thread(
+            target=self._run_in_thread, name=f"eventbus-responders-{self.responders.name}"
+        )
+        thread.daemon = True
+        thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.ready.wait(0.02):
+            if not thread.is_alive():
+                raise BusError(
+                    f"responders {self.responders.name} could not start: {self.error}"
+                ) from self.error
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BusError(
+                    f"responders {self.responders.name}: not consuming from "
+                    f"{redact(self.broker_url)} after {timeout}s"
+                )
+        return self
+
+    def _run_in_thread(self) -> None:
+        with contextlib.suppress(Exception):  # recorded in self.error and logged by run()
+            self.run(install_signal_handlers=False)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, answer and ack the ones in flight, disconnect."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _on_signal(self, signum: int) -> None:
+        self._log.info("responder.stopping", signal=signal.Signals(signum).name)
+        self._stop.set()
+
+    # -- the connection's thread -------------------------------------------------------------
+
+    def _serve(self) -> None:
+        conn = connect(
+            self.broker_url,
+            heartbeat=self.heartbeat,
+            transport_options={"polling_interval": 0.005},
+        )
+        with conn:
+            with self._lock:
+                generation = self._generation
+            channel = conn.channel()
+            for answer in self.responders.handlers.values():
+                try:
+                    kombu.Queue(
+                        answer.queue, durable=True, auto_delete=False, channel=channel
+                    ).declare()
+                except amqp.exceptions.PreconditionFailed as exc:
+                    raise BusError(
+                        f"responders {self.responders.name}: cannot declare queue "
+                        f"{answer.queue!r}: {exc}. A queue of that name exists with other "
+                        "arguments (an event handler's queue?); delete or rename it."
+                    ) from exc
+            channel.basic_qos(0, self.concurrency, False)
+            publisher = Publisher(conn, "")  # replies, confirmed
+            sock = conn.connection.sock if is_amqp(conn) else None
+            cancels = [
+                self._consume(channel, answer, generation, raw=sock is not None)
+                for answer in self.responders.handlers.values()
+            ]
+            self.ready.set()
+            self._failures = 0
+            self._log.info("responder.consuming", generation=generation)
+            cancelled = False
+            while True:
+                if self._stop.is_set() and not cancelled:
+                    for cancel in cancels:
+                        cancel()
+                    cancelled = True
+                    self._log.info("responder.draining", in_flight=self._in_flight)
+                self._settle(publisher, generation)
+                if cancelled and self._in_flight == 0:
+                    return
+                self._wait(conn, sock)
+                conn.heartbeat_check()
+
+    def _consume(
+        self, channel: Any, answer: _Answer, generation: int, *, raw: bool
+    ) -> Callable[[], None]:
+        def take(delivery: _Delivery) -> None:
+            with self._lock:
+                self._in_flight += 1
+            self._jobs.put(_Job(generation, answer, delivery))
+
+        if raw:  # py-amqp's channel on RabbitMQ
+
+            def on_amqp(msg: Any) -> None:
+                props, tag = msg.properties, msg.delivery_tag
+                take(
+                    _Delivery(
+                        body=_bytes(msg.body),
+                        properties=props,
+                        headers=props.get("application_headers") or {},
+                        redelivered=bool(msg.delivery_info.get("redelivered")),
+                        ack=lambda: channel.basic_ack(tag),
+                        reject=lambda requeue: channel.basic_reject(tag, requeue),
+                    )
+                )
+
+            consumer_tag = channel.basic_consume(answer.queue, callback=on_amqp, no_ack=False)
+            return lambda: channel.basic_cancel(consumer_tag)
+
+        def on_kombu(message: Any) -> None:
+            props = dict(message.properties or {})
+            props["content_type"] = message.content_type or props.get("content_type")
+            take(
+                _Delivery(
+                    body=_bytes(message.body),
+                    properties=props,
+                    headers=message.headers or {},
+                    redelivered=bool((message.delivery_info or {}).get("redelivered")),
+                    ack=message.ack,
+                    reject=lambda requeue: message.reject(requeue=requeue),
+                )
+            )
+
+        consumer = kombu.Consumer(
+            channel,
+            queues=[kombu.Queue(answer.queue, channel=channel, no_declare=True)],
+            on_message=on_kombu,
+            no_ack=False,
+        )
+        consumer.consume()
+        return consumer.cancel  # type: ignore[no-any-return]
+
+    def _settle(self, publisher: Publisher, generation: int) -> None:
+        """Publish the finished replies (one confirm window), then ack their requests."""
+        jobs: list[_Job] = []
+        with contextlib.suppress(queues.Empty):
+            while True:
+                jobs.append(self._done.get_nowait())
+        if not jobs:
+            return
+        try:
+            live = [j for j in jobs if j.generation == generation]  # others: redelivered
+            replies: list[tuple[str, Message]] = []
+            for job in live:
+                if job.requeue:
+                    continue
+                if job.reply is None or not job.reply_to:
+                    self._log.warning(
+                        "reply.nowhere",
+                        responder=job.answer.responder,
+                        request_type=job.answer.queue,
+                        reason="the request has no reply_to property",
+                    )
+                elif not is_amqp(publisher.connection) and not _virtual_queue_exists(
+                    publisher.channel, job.reply_to
+                ):
+                    self._undeliverable(job, "the caller's reply queue is gone")
+                else:
+                    replies.append((job.reply_to, job.reply))
+            returned = set(publisher.publish(replies)) if replies else set()
+            for job in live:
+                if job.requeue:
+                    job.delivery.reject(True)
+                    continue
+                # RabbitMQ returns every mandatory reply to a direct reply-to address, delivered
+                # or not (it reaches no queue): a return means something only for reply queues.
+                if (
+                    job.reply is not None
+                    and job.reply[1]["message_id"] in returned
+                    and not (job.reply_to or "").startswith(DIRECT_REPLY_TO)
+                ):
+                    self._undeliverable(job, "the caller's reply queue is gone")
+                job.delivery.ack()
+        finally:
+            with self._lock:
+                self._in_flight -= len(jobs)
+
+    def _undeliverable(self, job: _Job, reason: str) -> None:
+        assert job.reply is not None
+        self._log.info(
+            "reply.undeliverable",
+            responder=job.answer.responder,
+            request_type=job.answer.queue,
+            correlation_id=job.reply[1].get("correlation_id"),
+            reason=reason,
+        )
+
+    def _wait(self, conn: kombu.Connection, sock: Any) -> None:
+        """Receive from the broker, or return as soon as a handler thread finished a request."""
+        if sock is None:  # virtual transports poll
+            with contextlib.suppress(TimeoutError):
+                conn.drain_events(timeout=0.002 if self._in_flight else 0.05)
+            return
+        pending = getattr(sock, "pending", None)  # TLS: decrypted bytes already read
+        if not (pending and pending()):
+            ready, _, _ = select.select([sock, self._wake_r], [], [], 0.1)
+            if self._wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+            if sock not in ready:
+                return
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=0.05)
+
+    # -- handler threads ---------------------------------------------------------------------
+
+    def _handle_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            with self._lock:
+                current = self._generation
+            if job.generation == current:
+                if self._stop.is_set():
+                    job.requeue = True
+                else:
+                    try:
+                        self._answer(job)
+                    except Exception as exc:  # a bug of ours: answer with it, keep the thread
+                        self._log.exception("responder.bug", error=f"{type(exc).__name__}: {exc}")
+                        job.reply = _error_reply(job, type(exc).__name__, str(exc))
+            self._done.put(job)
+            with contextlib.suppress(BlockingIOError, OSError):  # a full pipe wakes it too
+                os.write(self._wake_w, b"!")
+
+    def _answer(self, job: _Job) -> None:
+        """Decode, run the function, and leave the reply (or error reply) on the job."""
+        delivery, answer = job.delivery, job.answer
+        props = delivery.properties
+        job.reply_to = _text(props.get("reply_to"))
+        correlation_id = _text(props.get("correlation_id")) or _text(props.get("message_id"))
+        job.correlation_id = correlation_id
+        context = {
+            "request_type": answer.queue,
+            "correlation_id": correlation_id,
+            "responder": answer.responder,
+        }
+        bound = self._log.bind(**context, redelivered=delivery.redelivered)
+        started = time.perf_counter()
+        try:
+            request = decode(delivery.body, props, _with_time(props, delivery.headers))
+            if not isinstance(request, answer.request_class):
+                raise MalformedMessage(
+                    f"{answer.responder} answers {answer.queue}, not {request.type}"
+                )
+        except MalformedMessage as exc:
+            bound.warning("request.invalid", reason=exc.reason)
+            job.reply = _error_reply(job, "MalformedMessage", exc.reason)
+            self._count("failed")
+            return
+        except Exception as exc:  # whatever else a hostile message makes the decoder raise
+            bound.warning("request.invalid", reason=f"{type(exc).__name__}: {exc}")
+            job.reply = _error_reply(job, "MalformedMessage", str(exc))
+            self._count("failed")
+            return
+        correlation_id = job.correlation_id = correlation_id or str(request.event_id)
+        ctx = RequestContext(answer.responder, correlation_id, delivery.redelivered, bound)
+        try:
+            with structlog.contextvars.bound_contextvars(**context):
+                result = answer(request, ctx)
+            if not isinstance(result, Event):
+                raise TypeError(
+                    f"{answer.responder} returned {type(result).__name__}, not an Event (the reply)"
+                )
+        except Exception as exc:
+            bound.error("request.failed", error=redact(f"{type(exc).__name__}: {exc}"))
+            job.reply = _error_reply(job, type(exc).__name__, str(exc))
+            self._count("failed")
+            return
+        body, properties, headers = encode(result.caused_by(request))
+        properties.update(correlation_id=correlation_id, delivery_mode=1)
+        headers[RESPONDER_HEADER] = answer.responder
+        job.reply = body, properties, headers
+        self._count("answered")
+        bound.debug(
+            "request.answered",
+            reply_type=result.type,
+            ms=round((time.perf_counter() - started) * 1000, 2),
+        )
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.counts[name] += 1
+
+
+def _error_reply(job: _Job, error_type: str, message: str) -> Message:
+    """An error reply: type ``eventbus.error``, body ``{"error": class, "message": text}``."""
+    properties: dict[str, Any] = {
+        "message_id": str(uuid.uuid4()),
+        "type": ERROR_TYPE,
+        "timestamp": int(time.time()),
+        "content_type": CONTENT_TYPE,
+        "content_encoding": "utf-8",
+        "delivery_mode": 1,
+    }
+    if job.correlation_id:
+        properties["correlation_id"] = job.correlation_id
+    body = dumps({"error": error_type, "message": _truncate(message)})
+    return body, properties, {RESPONDER_HEADER: job.answer.responder}
+
+
+def _with_time(properties: dict[str, Any], headers: dict[str, Any]) -> dict[str, Any]:
+    """A request's time may be left out (it is not stored): it then means now."""
+    if headers.get("occurred_at") is None and properties.get("timestamp") is None:
+        now = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+        return {**headers, "occurred_at": now}
+    return headers
+
+
+def _virtual_queue_exists(channel: Any, name: str) -> bool:
+    # kombu's virtual transports create a queue on publish; the caller's may be gone.
+    try:
+        return bool(channel._has_queue(name))
+    except Exception:
+        return True
+
+
+# -- calling ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Call:
+    correlation_id: str
+    tag: int | None = None  # the publish's delivery tag (publisher confirms)
+    routed: bool = False
+    returned: bool = False
+    nacked: bool = False
+    reply: Message | None = None
+
+
+class _Line:
+    """One thread's connection to the broker: a channel that publishes requests and receives
+    their replies, and the call it waits for."""
+
+    def __init__(self, broker_url: str, connect_timeout: float) -> None:
+        # No heartbeats: between calls nobody would send them and the broker would drop an idle
+        # client; a dead connection is noticed before the next call (``poll``) or by its timeout.
+        self.conn = connect(
+            broker_url,
+            heartbeat=0,
+            connect_timeout=connect_timeout,
+            transport_options={"polling_interval": 0.005},
+        )
+        self.amqp = is_amqp(self.conn)
+        self.channel: Any = self.conn.channel()
+        self.current: _Call | None = None
+        self._next_tag = 1
+        if self.amqp:
+            self.reply_to = DIRECT_REPLY_TO
+            self.channel.confirm_select()
+            self.channel.events["basic_ack"].add(self._on_ack)
+            self.channel.events["basic_nack"].add(self._on_nack)
+            self.channel.events["basic_return"].add(self._on_return)
+            # Direct reply-to: consume (no-ack) before publishing; replies come to this channel.
+            self.channel.basic_consume(DIRECT_REPLY_TO, callback=self._on_amqp_reply, no_ack=True)
+        else:
+            self.reply_to = f"eventbus.reply.{uuid.uuid4().hex}"
+            queue = kombu.Queue(
+                self.reply_to,
+                channel=self.channel,
+                durable=False,
+                exclusive=True,
+                auto_delete=True,
+            )
+            queue.declare()
+            self._consumer = kombu.Consumer(
+                self.channel, queues=[queue], on_message=self._on_kombu_reply, no_ack=True
+            )
+            self._consumer.consume()
+            self._producer = kombu.Producer(self.channel, exchange=kombu.Exchange(""))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            if not self.amqp:
+                # kombu's virtual queue_delete removes only bound queues: drop it directly.
+                self._consumer.cancel()
+                self.channel._delete(self.reply_to)
+        with contextlib.suppress(Exception):
+            self.conn.close()
+
+    def poll(self) -> None:
+        """Take what arrived since the last call (late replies, a closed connection)."""
+        if self.amqp:
+            sock = self.conn.connection.sock
+            if sock is None:
+                raise ConnectionError("the connection is closed")
+            while select.select([sock], [], [], 0)[0]:
+                self.conn.drain_events(timeout=0.1)
+            return
+        with contextlib.suppress(TimeoutError):
+            for _ in range(1000):
+                self.conn.drain_events(timeout=0)
+
+    def send(self, request: Event, timeout: float) -> _Call:
+        body, properties, headers = encode(request)
+        call = _Call(correlation_id=str(request.event_id))
+        properties.update(
+            correlation_id=call.correlation_id, reply_to=self.reply_to, delivery_mode=1
+        )
+        self.current = call
+        if self.amqp:
+            # Expires in the queue when nobody waits for the answer any more.
+            properties["expiration"] = str(max(1, round(timeout * 1000)))
+            msg = amqp.Message(body, application_headers=headers, **properties)
+            self.channel._basic_publish(msg, exchange="", routing_key=request.type, mandatory=True)
+            call.tag = self._next_tag
+            self._next_tag += 1
+        elif not _virtual_queue_exists(self.channel, request.type):
+            call.returned = True  # as RabbitMQ returns a mandatory message no queue takes
+        else:
+            self._producer.publish(
+                body, routing_key=request.type, headers=headers, retry=False, **properties
+            )
+            call.routed = True
+        return call
+
+    def wait(self, call: _Call, deadline: float) -> None:
+        while call.reply is None and not call.returned and not call.nacked:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                self.conn.drain_events(timeout=min(remaining, 1.0))
+
+    def consumers(self, queue: str) -> int | None:
+        """How many consumers ``queue`` has now (RabbitMQ), None if unknown."""
+        if not self.amqp:
+            return None
+        channel = None
+        try:
+            channel = self.conn.channel()
+            return int(channel.queue_declare(queue=queue, passive=True).consumer_count)
+        except Exception:
+            return None
+        finally:
+            if channel is not None:
+                with contextlib.suppress(Exception):
+                    channel.close()
+
+    def _on_amqp_reply(self, msg: Any) -> None:
+        props = msg.properties
+        self._received((_bytes(msg.body), props, props.get("application_headers") or {}))
+
+    def _on_kombu_reply(self, message: Any) -> None:
+        props = dict(message.properties or {})
+        props["content_type"] = message.content_type or props.get("content_type")
+        self._received((_bytes(message.body), props, message.headers or {}))
+
+    def _received(self, reply: Message) -> None:
+        _body, props, headers = reply
+        correlation_id = _text(props.get("correlation_id"))
+        call = self.current
+        if call is not None and call.reply is None and correlation_id == call.correlation_id:
+            call.reply = reply
+            return
+        log.info(
+            "reply.dropped",
+            correlation_id=correlation_id,
+            reply_type=_text(props.get("type")),
+            responder=_text(headers.get(RESPONDER_HEADER)),
+            reason="no call waits for it (its caller timed out, or it is a duplicate)",
+        )
+
+    def _covers(self, tag: int, multiple: bool) -> _Call | None:
+        call = self.current
+        if call is None or call.tag is None:
+            return None
+        return call if call.tag == tag or (multiple and call.tag <= tag) else None
+
+    def _on_ack(self, tag: int, multiple: bool) -> None:
+        call = self._covers(tag, multiple)
+        if call is not None and not call.returned:
+            call.routed = True
+
+    def _on_nack(self, tag: int, multiple: bool) -> None:
+        call = self._covers(tag, multiple)
+        if call is not None:
+            call.nacked = True
+
+    def _on_return(self, _exc: Exception, _exchange: str, _key: str, message: Any) -> None:
+        call = self.current
+        if call is not None and _text(message.properties.get("correlation_id")) == (
+            call.correlation_id
+        ):
+            call.returned = True
+
+
+class RequestClient:
+    """Sends requests and waits for their replies: ``client.call(GetInvoice(...), timeout=5.0)``.
+
+    Safe to share between threads: each thread gets its own connection, opened at its first call
+    and kept for the next ones (``close()`` closes them all; call it when no call is running).
+    A thread's calls run one at a time. On a virtual transport (``memory://``) the responders
+    must run in the same process.
+    """
+
+    def __init__(self, broker_url: str, *, connect_timeout: float = 10.0) -> None:
+        self.broker_url = broker_url
+        self.connect_timeout = connect_timeout
+        self._local = threading.local()
+        self._lines: list[_Line] = []
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> RequestClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connections of every thread."""
+        with self._lock:
+            lines, self._lines = self._lines, []
+        for line in lines:
+            line.close()
+        self._local = threading.local()
+
+    def call(self, request: Event, *, timeout: float = 5.0) -> Event:
+        """Send ``request`` to its responder and return the reply event.
+
+        Raises ``NoResponder`` at once when no queue exists for the request's type,
+        ``RequestTimeout`` when no reply came within ``timeout`` seconds (the request may still
+        be processed), ``RemoteError`` when the responder failed or found the request invalid,
+        ``RequestError`` when the connection was lost during the call. Calling again with the
+        same request object sends the same request id (``event_id``), which lets an idempotent
+        responder answer a retry without acting twice.
+        """
+        if not isinstance(request, Event):
+            raise TypeError(f"a request is an Event, not {type(request).__name__}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, not {timeout!r}")
+        type_name = request.type
+        correlation_id = str(request.event_id)
+        bound = log.bind(request_type=type_name, correlation_id=correlation_id)
+        started = time.monotonic()
+        line = self._line(type_name)
+        try:
+            call = line.send(request, timeout)
+            line.wait(call, started + timeout)
+        except _connection_errors() as exc:
+            self._drop(line)
+            bound.warning("request.connection_lost", error=redact(f"{type(exc).__name__}: {exc}"))
+            raise RequestError(
+                type_name,
+                f"{type_name!r}: the connection to the broker was lost during the call "
+                f"({type(exc).__name__}: {exc}); the request may or may not have been processed",
+            ) from exc
+        finally:
+            line.current = None
+        if call.returned:
+            bound.warning("request.no_responder")
+            raise NoResponder(type_name)
+        if call.nacked:
+            bound.warning("request.nacked")
+            raise RequestError(type_name, f"{type_name!r}: the broker refused (nacked) it")
+        if call.reply is None:
+            consumers = line.consumers(type_name) if call.routed else None
+            bound.warning(
+                "request.timed_out", timeout=timeout, routed=call.routed, consumers=consumers
+            )
+            raise RequestTimeout(type_name, timeout, routed=call.routed, consumers=consumers)
+        return _reply(type_name, call.reply, bound, started)
+
+    def _line(self, type_name: str) -> _Line:
+        line: _Line | None = getattr(self._local, "line", None)
+        if line is not None:
+            try:
+                line.poll()
+                return line
+            except _connection_errors() as exc:
+                log.info("request.reconnecting", error=redact(f"{type(exc).__name__}: {exc}"))
+                self._drop(line)
+        try:
+            line = _Line(self.broker_url, self.connect_timeout)
+        except _connection_errors() as exc:
+            raise RequestError(
+                type_name,
+                f"{type_name!r} was not sent: cannot connect to the broker at "
+                f"{redact(self.broker_url)}: {type(exc).__name__}: {exc}",
+            ) from exc
+        self._local.line = line
+        with self._lock:
+            self._lines.append(line)
+        return line
+
+    def _drop(self, line: _Line) -> None:
+        line.close()
+        self._local.line = None
+        with self._lock, contextlib.suppress(ValueError):
+            self._lines.remove(line)
+
+
+def _reply(type_name: str, reply: Message, bound: Any, started: float) -> Event:
+    """The reply event, or the ``RemoteError`` an error reply stands for."""
+    body, props, headers = reply
+    responder = _text(headers.get(RESPONDER_HEADER)) or "(unnamed)"
+    bound = bound.bind(responder=responder)
+    if _text(props.get("type")) == ERROR_TYPE:
+        try:
+            data = loads(body)
+            error_type, message = str(data["error"]), str(data.get("message", ""))
+        except Exception:
+            error_type, message = "Error", body.decode("utf-8", "replace")
+        bound.info("request.failed_remotely", error=f"{error_type}: {message}")
+        raise RemoteError(type_name, responder, error_type, message)
+    try:
+        event = decode(body, props, headers)
+    except MalformedMessage as exc:
+        bound.warning("reply.invalid", reason=exc.reason)
+        raise RequestError(
+            type_name, f"{type_name!r}: the reply from {responder} is invalid: {exc.reason}"
+        ) from None
+    bound.debug(
+        "request.answered",
+        reply_type=event.type,
+        ms=round((time.monotonic() - started) * 1000, 2),
+    )
+    return event
+
+
+@functools.cache
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean the broker connection is unusable: reconnect."""
+    conn = kombu.Connection("amqp://")
+    return (
+        *conn.connection_errors,
+        *conn.channel_errors,
+        OSError,
+        PublishError,
+        kombu.exceptions.OperationalError,
+    )
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _bytes(body: Any) -> bytes:
+    return body if isinstance(body, bytes) else str(body).encode()
+
+
+def _truncate(text: str, limit: int = 2000) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

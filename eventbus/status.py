@@ -1,0 +1,457 @@
+"""How far every handler and relay got, and what waits in their queues (``eventbus status``).
+
+The database knows every queue ever declared (``eventbus_bindings``), every projection's
+checkpoint and every paused queue; the broker knows what the queues hold. For each handler
+queue this module puts together:
+
+- from RabbitMQ over AMQP (a passive ``queue_declare``, exact): messages ready (``depth``),
+  consumers, and the ready messages of ``<queue>.dead``; a queue that does not exist is
+  reported as missing, not declared;
+- from RabbitMQ's management HTTP API (its statistics lag a few seconds): unacked messages;
+  when the API is unreachable they are unknown and a note says why;
+- from the store: ``lag`` = the store's head minus how far the subscriber got
+  (``eventbus.control.positions``), and the paused state with its reason.
+
+Relays: head minus each relay's checkpoint. Nothing here writes to the broker, and a broker or
+management API that cannot be reached makes numbers unknown (None), never an exception.
+On ``memory://`` the queues live inside one process, so only the store's numbers are reported.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import amqp.exceptions
+import kombu
+import sqlalchemy as sa
+
+from eventbus import publisher  # noqa: F401 - installs the tolerant AMQP property decoder
+from eventbus._connect import connect
+from eventbus.control import Pause, paused, positions
+from eventbus.logging import redact
+from eventbus.store import EventStore
+from eventbus.tables import bindings as B
+from eventbus.tables import checkpoints as CP
+from eventbus.tables import paused as PA
+from eventbus.tables import relay_checkpoints as RC
+
+JSON_VERSION = 1
+PROJECTION_SUFFIX = ".projection"
+
+
+@dataclass(frozen=True)
+class HandlerStatus:
+    """One handler's (or projection's) queue: what waits in it and how far it got."""
+
+    queue: str
+    bindings: dict[str, list[str]]  # exchange -> patterns, as last declared
+    exists: bool | None  # None: the broker was not asked (memory://) or not reachable
+    depth: int | None  # messages ready in the queue
+    consumers: int | None
+    unacked: int | None  # delivered to a worker, not acked yet (management API)
+    dead: int | None  # messages ready in <queue>.dead
+    position: int | None  # how far it got in the global order; None: nothing processed yet
+    lag: int | None  # head - position
+    paused: Pause | None
+
+    @property
+    def kind(self) -> str:
+        return "projection" if self.queue.endswith(PROJECTION_SUFFIX) else "handler"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.queue}.dead"
+
+
+@dataclass(frozen=True)
+class RelayStatus:
+    """One relay name's checkpoint: the last position the broker confirmed."""
+
+    name: str
+    position: int
+    lag: int
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Status:
+    """Everything ``eventbus status`` shows; ``to_dict`` is its JSON form."""
+
+    generated_at: dt.datetime
+    head: int
+    broker_url: str  # redacted
+    broker_reachable: bool | None  # None: not asked (memory://)
+    management_url: str | None  # redacted; None when not asked
+    management_reachable: bool | None
+    handlers: list[HandlerStatus]
+    relays: list[RelayStatus]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Exceeded:
+    """A threshold given to ``eventbus status`` that is exceeded (or cannot be checked)."""
+
+    check: str  # max_lag | max_dead | max_depth
+    subject: str  # a queue, or "relay <name>"
+    value: int | None  # None: unknown, so the check could not be made
+    limit: int
+
+    @property
+    def message(self) -> str:
+        option = "--" + self.check.replace("_", "-")
+        what = self.check.removeprefix("max_")
+        if self.value is None:
+            return f"{self.subject}: {what} unknown, cannot check {option} {self.limit}"
+        return f"{self.subject}: {what} {self.value:,} > {option} {self.limit:,}"
+
+
+def collect(
+    store: EventStore,
+    broker_url: str,
+    *,
+    exchange: str | None = None,
+    queues: Iterable[str] | None = None,
+    management_url: str | None = None,
+    unacked: bool = True,
+    timeout: float = 5.0,
+) -> Status:
+    """The status of every known handler queue (or only ``queues``, or those bound to ``exchange``).
+
+    ``management_url`` defaults to ``http://<broker host>:15672`` with the broker URL's
+    credentials; ``unacked=False`` does not ask it. Unreachable broker or API: their numbers
+    are None and ``notes`` says why.
+    """
+    head = store.head()
+    with store.reader() as conn:
+        known = known_queues(conn, exchange=exchange, only=queues)
+        where = positions(conn, known)
+        pauses = paused(conn)
+        relays = [
+            RelayStatus(r.name, int(r.position), max(0, head - int(r.position)), r.updated_at)
+            for r in conn.execute(sa.select(RC).order_by(RC.c.name))
+        ]
+    notes: list[str] = []
+    broker: dict[str, tuple[int, int] | None] = {}
+    held: dict[str, int] = {}
+    broker_reachable: bool | None = None
+    api_url: str | None = None
+    api_reachable: bool | None = None
+    if broker_url.startswith("memory://"):
+        notes.append(
+            "memory:// keeps its queues inside one process: queue depth, consumers and dead "
+            "letters need a broker shared between processes (RabbitMQ); store-side numbers only"
+        )
+    else:
+        names = [q for name in known for q in (name, f"{name}.dead")]
+        try:
+            broker = queue_counts(broker_url, names, timeout=timeout)
+            broker_reachable = True
+        except Exception as exc:
+            broker_reachable = False
+            notes.append(f"broker {redact(broker_url)} unreachable: {redact(_describe(exc))}")
+        if unacked and broker_reachable and _is_amqp_url(broker_url):
+            api_url = management_url or default_management_url(broker_url)
+            try:
+                held = management_unacked(api_url, _vhost(broker_url), timeout=timeout)
+                api_reachable = True
+            except Exception as exc:
+                api_reachable = False
+                notes.append(
+                    f"unacked n/a: RabbitMQ management API at {redact(api_url)} unreachable "
+                    f"({redact(_describe(exc))}); enable it with "
+                    "'rabbitmq-plugins enable rabbitmq_management' or pass --management-url"
+                )
+    handlers = []
+    for name, patterns in known.items():
+        counts = broker.get(name)
+        dead = broker.get(f"{name}.dead")
+        position = where.get(name)
+        asked = broker_reachable is True
+        handlers.append(
+            HandlerStatus(
+                queue=name,
+                bindings=patterns,
+                exists=(counts is not None) if asked else None,
+                depth=counts[0] if counts else None,
+                consumers=counts[1] if counts else None,
+                unacked=held.get(name) if counts and api_reachable else None,
+                dead=dead[0] if dead else None,
+                position=position,
+                lag=None if position is None else max(0, head - position),
+                paused=pauses.get(name),
+            )
+        )
+    return Status(
+        generated_at=dt.datetime.now(dt.UTC),
+        head=head,
+        broker_url=redact(broker_url),
+        broker_reachable=broker_reachable,
+        management_url=None if api_url is None else redact(api_url),
+        management_reachable=api_reachable,
+        handlers=handlers,
+        relays=relays,
+        notes=notes,
+    )
+
+
+def known_queues(
+    conn: sa.Connection, *, exchange: str | None = None, only: Iterable[str] | None = None
+) -> dict[str, dict[str, list[str]]]:
+    """Queue -> {exchange: patterns}: every queue a worker declared, and every subscriber with
+    a checkpoint or a pause (those belong to no exchange); ``only`` keeps these queues."""
+    found: dict[str, dict[str, list[str]]] = {}
+    query = sa.select(B.c.queue, B.c.exchange, B.c.pattern).order_by(B.c.pattern)
+    if exchange is not None:
+        query = query.where(B.c.exchange == exchange)
+    for row in conn.execute(query):
+        found.setdefault(row.queue, {}).setdefault(row.exchange, []).append(row.pattern)
+    if exchange is None:  # subscribers with no recorded binding belong to no exchange
+        for (name,) in conn.execute(sa.select(CP.c.subscriber)):
+            found.setdefault(name, {})
+        for (name,) in conn.execute(sa.select(PA.c.queue)):
+            found.setdefault(name, {})
+    if only is not None:
+        found = {name: found.get(name, {}) for name in list(only)}
+    return dict(sorted(found.items()))
+
+
+def queue_counts(
+    broker_url: str, names: Iterable[str], *, timeout: float = 5.0
+) -> dict[str, tuple[int, int] | None]:
+    """(ready messages, consumers) per queue by a passive declare; None for a missing queue.
+
+    Raises when the broker cannot be reached.
+    """
+    result: dict[str, tuple[int, int] | None] = {}
+    with connect(broker_url, connect_timeout=timeout) as conn:
+        channel = None
+        try:
+            for name in names:
+                if channel is None:
+                    channel = conn.channel()
+                try:
+                    _, ready, consumers = channel.queue_declare(queue=name, passive=True)
+                except (*conn.channel_errors, amqp.exceptions.NotFound):
+                    result[name] = None
+                    channel = None  # the broker closed it (404)
+                    continue
+                result[name] = (int(ready), int(consumers))
+        finally:
+            if channel is not None:
+                with contextlib.suppress(Exception):
+                    channel.close()
+    return result
+
+
+def default_management_url(broker_url: str) -> str:
+    """``http://<user>:<password>@<broker host>:15672``: RabbitMQ's management API by default."""
+    info = kombu.Connection(broker_url)
+    host = info.hostname or "localhost"
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    user = urllib.parse.quote(info.userid or "guest", safe="")
+    password = urllib.parse.quote(info.password or "guest", safe="")
+    return f"http://{user}:{password}@{host}:15672"
+
+
+def management_unacked(api_url: str, vhost: str, *, timeout: float = 5.0) -> dict[str, int]:
+    """Unacked messages per queue of ``vhost``, from one request to the management API."""
+    path = f"/api/queues/{urllib.parse.quote(vhost, safe='')}"
+    query = "?columns=name,messages_unacknowledged&disable_stats=false"
+    rows = _management_get(api_url, path + query, timeout=timeout)
+    if not isinstance(rows, list):
+        raise ValueError("the management API answered with something else than a queue list")
+    return {
+        str(r["name"]): int(r.get("messages_unacknowledged") or 0)
+        for r in rows
+        if isinstance(r, dict) and "name" in r
+    }
+
+
+def _management_get(api_url: str, path: str, *, timeout: float) -> Any:
+    parts = urllib.parse.urlsplit(api_url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"the management URL must be http(s)://, not {parts.scheme or '?'}://")
+    netloc = parts.hostname or "localhost"
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parts.port:
+        netloc += f":{parts.port}"
+    url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + path, "", ""))
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "")
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise ConnectionError(f"HTTP {exc.code} {exc.reason}") from None
+
+
+def exceeded(
+    status: Status,
+    *,
+    max_lag: int | None = None,
+    max_dead: int | None = None,
+    max_depth: int | None = None,
+) -> list[Exceeded]:
+    """The thresholds ``status`` exceeds; an unknown value counts (it could not be checked).
+
+    ``max_lag`` applies to handlers and relays; a handler that processed nothing yet has no
+    lag. A missing queue has no depth and no dead letters to exceed.
+    """
+    found = []
+    for h in status.handlers:
+        if max_lag is not None and h.lag is not None and h.lag > max_lag:
+            found.append(Exceeded("max_lag", h.queue, h.lag, max_lag))
+        for check, limit, value in (
+            ("max_depth", max_depth, h.depth),
+            ("max_dead", max_dead, h.dead),
+        ):
+            if limit is None or h.exists is False:
+                continue
+            if h.exists is None:
+                found.append(Exceeded(check, h.queue, None, limit))
+            elif value is not None and value > limit:
+                found.append(Exceeded(check, h.queue, value, limit))
+    if max_lag is not None:
+        found += [
+            Exceeded("max_lag", f"relay {r.name}", r.lag, max_lag)
+            for r in status.relays
+            if r.lag > max_lag
+        ]
+    return found
+
+
+def to_dict(status: Status, problems: Iterable[Exceeded] = ()) -> dict[str, Any]:
+    """The JSON form of ``status`` (``eventbus status --json``, the dashboard's /api/status)."""
+    return {
+        "version": JSON_VERSION,
+        "generated_at": _iso(status.generated_at),
+        "head": status.head,
+        "broker": {"url": status.broker_url, "reachable": status.broker_reachable},
+        "management": {"url": status.management_url, "reachable": status.management_reachable},
+        "handlers": [
+            {
+                "queue": h.queue,
+                "kind": h.kind,
+                "bindings": h.bindings,
+                "exists": h.exists,
+                "depth": h.depth,
+                "consumers": h.consumers,
+                "unacked": h.unacked,
+                "dead_letter_queue": h.dead_letter_queue,
+                "dead": h.dead,
+                "position": h.position,
+                "lag": h.lag,
+                "paused": None
+                if h.paused is None
+                else {"reason": h.paused.reason, "since": _iso(h.paused.paused_at)},
+            }
+            for h in status.handlers
+        ],
+        "relays": [
+            {"name": r.name, "position": r.position, "lag": r.lag, "updated_at": _iso(r.updated_at)}
+            for r in status.relays
+        ],
+        "notes": list(status.notes),
+        "exceeded": [
+            {
+                "check": p.check,
+                "subject": p.subject,
+                "value": p.value,
+                "limit": p.limit,
+                "message": p.message,
+            }
+            for p in problems
+        ],
+    }
+
+
+def render(status: Status) -> str:
+    """The status as a table for a terminal."""
+    lines = [
+        f"store head: position {status.head:,}    broker: {status.broker_url}",
+        "",
+    ]
+    header = ("QUEUE", "DEPTH", "CONSUMERS", "UNACKED", "LAG", "DEAD", "PAUSED")
+    rows = []
+    for h in status.handlers:
+        if h.exists is False:
+            depth = consumers = unacked = "missing"
+        else:
+            depth, consumers = _cell(h.depth, h.exists), _cell(h.consumers, h.exists)
+            unacked = _cell(h.unacked, h.exists)
+        lag = "-" if h.lag is None else f"{h.lag:,}"
+        pause = ""
+        if h.paused is not None:
+            pause = "paused" + (f": {h.paused.reason}" if h.paused.reason else "")
+        rows.append((h.queue, depth, consumers, unacked, lag, _cell(h.dead, h.exists), pause))
+    if rows:
+        lines += _table(header, rows)
+    else:
+        lines.append("no handler queues recorded yet (a worker records its queues when it starts)")
+    if status.relays:
+        lines += ["", *_table(("RELAY", "CHECKPOINT", "LAG", "UPDATED"), _relay_rows(status))]
+    else:
+        lines += ["", "no relay has published yet"]
+    lines += [f"note: {n}" for n in status.notes]
+    return "\n".join(lines)
+
+
+def _relay_rows(status: Status) -> list[tuple[str, ...]]:
+    return [
+        (r.name, f"{r.position:,}", f"{r.lag:,}", _iso(r.updated_at, timespec="seconds"))
+        for r in status.relays
+    ]
+
+
+def _cell(value: int | None, exists: bool | None) -> str:
+    if value is None:
+        return "-" if exists is None else "n/a"
+    return f"{value:,}"
+
+
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(row: tuple[str, ...]) -> str:
+        cells = [
+            row[i].ljust(widths[i]) if i in (0, len(row) - 1) else row[i].rjust(widths[i])
+            for i in range(len(row))
+        ]
+        return "  ".join(cells).rstrip()
+
+    return [line(header), *(line(r) for r in rows)]
+
+
+def _iso(moment: dt.datetime, timespec: str = "milliseconds") -> str:
+    return moment.astimezone(dt.UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
+def _vhost(broker_url: str) -> str:
+    return str(kombu.Connection(broker_url).virtual_host or "/")
+
+
+def _is_amqp_url(broker_url: str) -> bool:
+    return broker_url.split("://", 1)[0] in ("amqp", "amqps", "pyamqp", "librabbitmq")
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
+        text = str(exc.reason)
+    return text

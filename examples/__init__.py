@@ -1,0 +1,1 @@
+"""Examples to run from a source checkout (``python -m examples...``)."""

@@ -1,0 +1,56 @@
+"""What happens in the image-upload application: the facts every service agrees on.
+
+The upload service records ``UserLoggedIn`` and ``NewImage``; each service records what it did
+about a new image in that image's stream (``image-<image_id>``); ``ctx.append`` records it as
+caused by the ``NewImage`` (same correlation id, causation id = its event id).
+The points projection records nothing: it is a read model, rebuilt from these facts at will, and
+an event it recorded would be announced again by every rebuild.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from eventbus import Event, fields, validate
+
+ImageId = Annotated[str, fields.Str(validate=validate.Regexp("^[0-9a-f]{32}$"))]  # uuid4().hex
+UserId = Annotated[str, fields.Str(validate=validate.Length(min=1, max=64))]
+
+
+class UserLoggedIn(Event, type="user.logged_in"):
+    user_id: UserId
+    ip: str = "unknown"
+
+
+class NewImage(Event, type="image.new"):
+    image_id: ImageId
+    user_id: UserId
+    path: Annotated[str, fields.Str(validate=validate.Length(min=1))]  # under the media root
+    format: Annotated[str, fields.Str(validate=validate.OneOf(["PNG", "JPEG", "GIF", "WEBP"]))]
+    width: int
+    height: int
+    size: int  # bytes
+    caption: str = ""
+
+
+class ImageResized(Event, type="image.resized"):
+    image_id: ImageId
+    thumbnails: list[str]  # paths under the media root, one per size
+    sizes: list[int]
+
+
+class FriendsNotified(Event, type="image.friends_notified"):
+    image_id: ImageId
+    user_id: UserId
+    friends: list[str]
+
+
+class ImageTweeted(Event, type="image.tweeted"):
+    image_id: ImageId
+    status_id: str
+    text: str
+
+
+def image_stream(image_id: str) -> str:
+    """The stream that holds an image's story: its upload, then what each service did."""
+    return f"image-{image_id}"
