@@ -112,6 +112,13 @@ _SQLITE_INSERT_PROCESSED = sqlite.insert(P).on_conflict_do_nothing().returning(P
 RecordProcessed = Callable[[Connection, str, Sequence[Event], dt.datetime], list[Any]]
 
 
+def _lock_order(event: Event) -> tuple[bool, int, Any]:
+    """Position order, then event id: two workers recording overlapping batches (a partition
+    moving between them) lock the same rows in the same order, so neither deadlocks and the
+    one that waits gets the rest of the stream after the other's part, not interleaved."""
+    return (event.position is None, event.position or 0, event.event_id)
+
+
 def processed_recorder(dialect: str) -> RecordProcessed:
     """``record(db, queue, events, now)``: record events as processed; returns the new ids.
 
@@ -123,7 +130,7 @@ def processed_recorder(dialect: str) -> RecordProcessed:
         def insert_pg(
             db: Connection, handler: str, events: Sequence[Event], now: dt.datetime
         ) -> list[Any]:
-            ordered = sorted(events, key=lambda e: e.event_id)  # one lock order: no deadlocks
+            ordered = sorted(events, key=_lock_order)  # one lock order: no deadlocks
             params = {
                 "handler": handler,
                 "now": now,
@@ -139,7 +146,7 @@ def processed_recorder(dialect: str) -> RecordProcessed:
     ) -> list[Any]:
         rows = [
             dict(handler=handler, event_id=e.event_id, position=e.position, processed_at=now)
-            for e in sorted(events, key=lambda e: e.event_id)
+            for e in sorted(events, key=_lock_order)
         ]
         return list(db.execute(_SQLITE_INSERT_PROCESSED.values(rows)).scalars())
 

@@ -121,14 +121,18 @@ class _Job:
     acks: _Acks | None = None
     failures: int = 0
     first_failure: str | None = None
+    # Set by the connection's thread once an exhausted job is dead-lettered (confirmed) and acked.
+    settled: bool = False
 
 
 @dataclasses.dataclass
 class _Parked:
-    """A partition's jobs waiting in their lane: for a retry (``due``) or for a resume (None)."""
+    """A partition's jobs waiting in their lane: for a retry (``due``) or for a resume (None);
+    behind an exhausted event (``after``) until the broker has its dead letter and its ack."""
 
     jobs: list[_Job]
     due: float | None
+    after: _Job | None = None
 
 
 class Worker:
@@ -475,8 +479,11 @@ class Worker:
                 elif not cancelled and (
                     applied[0] is not self._db_pauses or applied[1] != self._signal_paused
                 ):
+                    # Settle first what is done: closing a channel would lose those acks.
+                    self._settle(publisher, generation, acks)
                     applied = self._apply_pauses(consumers)
                 elif not cancelled and groups and time.monotonic() >= balance_at:
+                    self._settle(publisher, generation, acks)
                     consumers.balance()
                     balance_at = time.monotonic() + _BALANCE_INTERVAL
                 self._settle(publisher, generation, acks)
@@ -798,6 +805,7 @@ class Worker:
                 elif job.outcome == "exhausted":
                     headers = self._failure_headers(job, job.failures, job.first_failure or "")
                     self._give_up(publisher, job, headers, job.failures)
+                    job.settled = True
                 else:
                     self._dead_letter(publisher, job, job.reason)
             except _recoverable():
@@ -812,6 +820,7 @@ class Worker:
                     f"({type(exc).__name__}: {exc})",
                     keep_headers=False,
                 )
+                job.settled = True
             finally:
                 with self._lock:
                     self._in_flight -= 1
@@ -1008,6 +1017,13 @@ class Worker:
         now = time.monotonic()
         work: list[_Job] = []
         for key, held in list(parked.items()):
+            if held.after is not None and not held.after.settled:
+                if not (stopping or _gone(held.after, current)):
+                    continue  # its dead letter is on its way: wait (polled every _PARKED_POLL)
+                # Its channel closed first: the broker gives it back, and what follows it.
+                self._drop(held.jobs)
+                del parked[key]
+                continue
             kept = [j for j in held.jobs if not (stopping or _gone(j, current))]
             if len(kept) < len(held.jobs):
                 self._drop([j for j in held.jobs if j not in kept])
@@ -1057,7 +1073,10 @@ class Worker:
         if job.failures >= handler.max_attempts:
             job.outcome = "exhausted"  # dead-lettered by the connection's thread
             self._finish(job)
-            parked[key] = _Parked([], time.monotonic())  # the partition goes on at once
+            # The partition goes on once the dead letter is confirmed and the event acked: were
+            # the partition to move before, its next worker would run the event again, after
+            # the events behind it.
+            parked[key] = _Parked([], None, after=job)
             return
         delay = handler.retry_delays()[job.failures - 1]
         parked[key] = _Parked([job], time.monotonic() + delay)
