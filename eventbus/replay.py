@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime as dt
+import queue
 import re
 import threading
 import time
@@ -57,7 +58,7 @@ from eventbus.handling import (
     record_failure,
     save_checkpoint,
 )
-from eventbus.store import EventStore, Undecodable
+from eventbus.store import EventStore, Page, Undecodable
 from eventbus.subscriptions import Handler, Projection
 from eventbus.tables import failures as F
 from eventbus.tables import processed as P
@@ -486,9 +487,15 @@ class _Runner:
             names = own
         patterns = None if own is not None else list(self.handler.patterns)
         covered = first - 1
-        for page in self.store.read_pages(
+        pages: Iterator[Page] = self.store.read_pages(
             first, until_position=last, types=names, patterns=patterns, report_undecodable=True
-        ):
+        )
+        if self.mode != "live" and self.store.engine.dialect.name == "postgresql":
+            # Replay and catch-up read the next page while this one is applied: the wait for
+            # the database overlaps the decoding and the handler (a file or in-memory SQLite
+            # connection is not shared between threads).
+            pages = _read_ahead(pages)
+        for page in pages:
             items: list[Item] = [*page.events, *page.undecodable]
             if page.undecodable:
                 items.sort(key=lambda e: e.position or 0)
@@ -659,6 +666,42 @@ class _Runner:
         if error is not None and before is not None:
             self._rows = before  # what it wrote was rolled back: not "would write"
         return error
+
+
+def _read_ahead(pages: Iterator[Page]) -> Iterator[Page]:
+    """``pages``, read one page ahead by a thread of its own; its errors are raised here, in
+    order. Closing this generator stops the thread after the page it is reading."""
+    ready: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for page in pages:
+                ready.put(("page", page))
+                if stop.is_set():
+                    return
+            ready.put(("end", None))
+        except BaseException as exc:  # handed to the replaying thread
+            ready.put(("error", exc))
+        finally:
+            with contextlib.suppress(Exception):
+                pages.close()  # type: ignore[attr-defined]
+
+    reader = threading.Thread(target=read, name="eventbus-replay-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            ready.get_nowait()  # a reader blocked on a full queue goes on and sees ``stop``
+        reader.join()
 
 
 def _connectivity(exc: sa.exc.DBAPIError) -> bool:

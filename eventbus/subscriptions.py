@@ -45,7 +45,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 MAX_PARTITIONS = 100  # partition queues are numbered with two digits (see Handler.partition_queue)
 
 
-@dataclass
+@dataclass(slots=True)
 class Context:
     """What a handler may touch besides its event.
 
@@ -59,13 +59,25 @@ class Context:
     handler: str
     queue: str
     attempt: int
-    log: structlog.typing.FilteringBoundLogger
     store: EventStore
     _connection: Connection = field(repr=False)
     _savepoint: Any = field(default=None, repr=False)
     event: Event | None = None  # the event being handled
     replaying: bool = False  # fed from the store (replay, catch-up), not a live message
     dry_run: bool = False  # ``eventbus replay --dry-run``: database effects are rolled back
+    # ``log`` is bound to the event's fields on first use (most handlers never log).
+    _log_source: Any = field(default=None, repr=False)
+    _log_fields: tuple[tuple[str, ...], tuple[Any, ...]] = field(default=((), ()), repr=False)
+    _log: Any = field(default=None, repr=False)
+
+    @property
+    def log(self) -> structlog.typing.FilteringBoundLogger:
+        """A structlog logger bound to the event's id, type, queue, handler, attempt and
+        correlation id (they are in the context variables too, for any logger)."""
+        if self._log is None:
+            names, values = self._log_fields
+            self._log = self._log_source.bind(**dict(zip(names, values, strict=True)))
+        return self._log  # type: ignore[no-any-return]
 
     @property
     def connection(self) -> Connection:
