@@ -13,6 +13,9 @@ A single URL is connected to as kombu does it (``Connection.connect()``), unchan
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
 from typing import Any
 
 import kombu
@@ -37,3 +40,26 @@ def connect(url: str, *, connect_timeout: float = 10, **options: Any) -> kombu.C
         conn.release()
         raise
     return conn
+
+
+def wait_for_frames(conn: kombu.Connection, sock: Any, wake_fd: int, busy: bool) -> None:
+    """Receive what the broker sent, or return as soon as another thread writes to the pipe
+    ``wake_fd`` (work finished: acks to send), or after 0.1 s.
+
+    ``sock`` is the AMQP socket (None on virtual transports, which are polled: every 2 ms while
+    ``busy``, else every 50 ms).
+    """
+    if sock is None:
+        with contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=0.002 if busy else 0.05)
+        return
+    pending = getattr(sock, "pending", None)  # TLS: decrypted bytes already read
+    if not (pending and pending()):
+        ready, _, _ = select.select([sock, wake_fd], [], [], 0.1)
+        if wake_fd in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_fd, 4096)
+        if sock not in ready:
+            return
+    with contextlib.suppress(TimeoutError):
+        conn.drain_events(timeout=0.05)

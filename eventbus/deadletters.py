@@ -36,22 +36,13 @@ import amqp.exceptions
 from eventbus._connect import connect
 from eventbus.errors import BusError
 from eventbus.publisher import Publisher, is_amqp
-from eventbus.wire import Message
+from eventbus.wire import PROPERTIES, Message
 
 DEAD_SUFFIX = ".dead"
 # Headers of a failure: removed on retry, so the worker counts attempts from the start.
 _FAILURE_PREFIXES = ("x-dead-", "x-exception", "x-death", "x-first-death-", "x-last-death-")
 _FAILURE_HEADERS = frozenset(
     ("x-attempts", "x-first-failure-at", "x-failed-at", "x-queue", "x-delivery-count")
-)
-# The properties an eventbus message carries (see eventbus.wire); others are not republished.
-_PROPERTIES = (
-    "message_id",
-    "type",
-    "timestamp",
-    "correlation_id",
-    "content_type",
-    "content_encoding",
 )
 _WINDOW = 500  # messages republished per confirm window
 
@@ -240,7 +231,7 @@ def republished(letter: DeadLetter) -> Message:
         for k, v in letter.headers.items()
         if k not in _FAILURE_HEADERS and not k.startswith(_FAILURE_PREFIXES)
     }
-    properties = {k: letter.properties[k] for k in _PROPERTIES if letter.properties.get(k)}
+    properties = {k: letter.properties[k] for k in PROPERTIES if letter.properties.get(k)}
     properties["delivery_mode"] = 2
     return letter.body, properties, headers
 

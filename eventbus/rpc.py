@@ -61,7 +61,7 @@ import kombu
 import kombu.exceptions
 import structlog
 
-from eventbus._connect import connect
+from eventbus._connect import connect, wait_for_frames
 from eventbus.errors import (
     BusError,
     HandlerDefinitionError,
@@ -519,22 +519,7 @@ class ResponderRunner:
 
     def _wait(self, conn: kombu.Connection, sock: Any) -> None:
         """Receive from the broker, or return as soon as a handler thread finished a request."""
-        if sock is None:  # virtual transports poll
-            with contextlib.suppress(TimeoutError):
-                conn.drain_events(timeout=0.002 if self._in_flight else 0.05)
-            return
-        pending = getattr(sock, "pending", None)  # TLS: decrypted bytes already read
-        if not (pending and pending()):
-            ready, _, _ = select.select([sock, self._wake_r], [], [], 0.1)
-            if self._wake_r in ready:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 4096)
-            if sock not in ready:
-                return
-        with contextlib.suppress(TimeoutError):
-            conn.drain_events(timeout=0.05)
-
-    # -- handler threads ---------------------------------------------------------------------
+        wait_for_frames(conn, sock, self._wake_r, bool(self._in_flight))
 
     def _handle_loop(self) -> None:
         while True:

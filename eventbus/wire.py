@@ -31,6 +31,18 @@ _HEADER_INTS = ("schema_version", "stream_version", "position")
 Message = tuple[bytes, dict[str, Any], dict[str, Any]]
 
 
+# The AMQP properties of an eventbus message (see the module docstring); a retry or a dead letter
+# is republished with these, the rest of the envelope travels in its headers.
+PROPERTIES = (
+    "message_id",
+    "type",
+    "timestamp",
+    "correlation_id",
+    "content_type",
+    "content_encoding",
+)
+
+
 def encode(event: Event) -> Message:
     """``(body, properties, headers)`` for publishing ``event``."""
     return encode_record(

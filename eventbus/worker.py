@@ -49,7 +49,6 @@ import datetime as dt
 import os
 import queue as queues
 import random
-import select
 import signal
 import threading
 import time
@@ -65,7 +64,7 @@ import sqlalchemy as sa
 import structlog
 
 from eventbus import control, metrics
-from eventbus._connect import connect
+from eventbus._connect import connect, wait_for_frames
 from eventbus.errors import BusError, MalformedMessage
 from eventbus.events import Event
 from eventbus.handling import forget_processed, invoke, log_context, processed_recorder
@@ -76,7 +75,7 @@ from eventbus.store import EventStore
 from eventbus.subscriptions import Handler, Service
 from eventbus.tables import bindings as B
 from eventbus.topics import virtual_patterns
-from eventbus.wire import Message, decode
+from eventbus.wire import PROPERTIES, Message, decode
 
 log = structlog.get_logger("eventbus.worker")
 
@@ -90,16 +89,6 @@ _PARKED_POLL = 0.1  # a lane holding jobs looks at stop, pause and its retries t
 _DATABASE_RETRY = 1.0  # seconds a partition waits for the database before trying again
 
 _IDLE: Any = object()  # a lane's wait ended without a job
-
-_PROPERTIES = (
-    "message_id",
-    "type",
-    "timestamp",
-    "correlation_id",
-    "content_type",
-    "content_encoding",
-    "delivery_mode",
-)
 
 
 @dataclasses.dataclass(eq=False)
@@ -542,20 +531,7 @@ class Worker:
         together, so results are acked at once (the broker sends nothing more once ``prefetch``
         messages are unacked). Virtual transports poll.
         """
-        if amqp_socket is None:
-            with contextlib.suppress(TimeoutError):
-                conn.drain_events(timeout=0.002 if self._in_flight else 0.05)
-            return
-        pending = getattr(amqp_socket, "pending", None)  # TLS: decrypted bytes already read
-        if not (pending and pending()):
-            ready, _, _ = select.select([amqp_socket, self._wake_r], [], [], 0.1)
-            if self._wake_r in ready:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 4096)
-            if amqp_socket not in ready:
-                return
-        with contextlib.suppress(TimeoutError):
-            conn.drain_events(timeout=0.05)
+        wait_for_frames(conn, amqp_socket, self._wake_r, bool(self._in_flight))
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):  # a full pipe already wakes it
@@ -1677,7 +1653,7 @@ def _routing_key(message: _Delivery) -> str:
 
 def _republish(message: _Delivery, headers: dict[str, Any]) -> Message:
     props = message.properties
-    properties = {k: props[k] for k in _PROPERTIES if props.get(k) is not None}
+    properties = {k: props[k] for k in PROPERTIES if props.get(k) is not None}
     properties["delivery_mode"] = 2
     return message.body, properties, headers
 
