@@ -1385,6 +1385,9 @@ class _Partitions:
             return
         workers = max(int(channel.queue_declare(s.queue, passive=True)[2]) for s in mine)
         share = -(-len(self.slots) // max(1, workers))
+        # Idle partitions go first: one holding unsettled messages (a batch running, an event
+        # waiting for its retry in place) would start that event's attempts again elsewhere.
+        mine.sort(key=lambda s: (not (s.acks is not None and s.acks.unsettled), s.index))
         for slot in mine[share:]:
             self._close(slot)
             self._open(slot, priority=0)
