@@ -14,13 +14,13 @@ from typing import Any, ClassVar, Self
 
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from eventbus.errors import StoreError
 from eventbus.events import Event
 from eventbus.store import EventStore
+from eventbus.tables import insert as dialect_insert
 from eventbus.tables import snapshots as S
 
 _OWN = ("id", "version", "pending")
@@ -134,8 +134,7 @@ class Aggregate:
             "state": state,
             "taken_at": dt.datetime.now(dt.UTC),
         }
-        dialect = store.engine.dialect.name
-        insert = postgresql.insert(S) if dialect == "postgresql" else sqlite.insert(S)
+        insert = dialect_insert(store.engine.dialect.name, S)
         newer = sa.or_(
             S.c.stream_version < insert.excluded.stream_version,
             S.c.state_version != insert.excluded.state_version,

@@ -20,7 +20,7 @@ from typing import Any
 
 import sqlalchemy as sa
 import structlog
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 
 from eventbus.events import Event
@@ -29,6 +29,7 @@ from eventbus.store import EventStore, Undecodable
 from eventbus.subscriptions import Context, Handler
 from eventbus.tables import checkpoints as CP
 from eventbus.tables import failures as F
+from eventbus.tables import insert as dialect_insert
 from eventbus.tables import processed as P
 
 
@@ -225,9 +226,10 @@ def save_checkpoint(db: Connection, subscriber: str, position: int, caught_up: b
         "caught_up": caught_up,
         "updated_at": dt.datetime.now(dt.UTC),
     }
-    insert = postgresql.insert(CP) if db.dialect.name == "postgresql" else sqlite.insert(CP)
     db.execute(
-        insert.values(values).on_conflict_do_update(
+        dialect_insert(db.dialect.name, CP)
+        .values(values)
+        .on_conflict_do_update(
             index_elements=[CP.c.subscriber],
             set_={k: v for k, v in values.items() if k != "subscriber"},
         )
@@ -242,7 +244,7 @@ def ensure_checkpoint(db: Connection, subscriber: str, position: int, caught_up:
         "caught_up": caught_up,
         "updated_at": dt.datetime.now(dt.UTC),
     }
-    insert = postgresql.insert(CP) if db.dialect.name == "postgresql" else sqlite.insert(CP)
+    insert = dialect_insert(db.dialect.name, CP)
     db.execute(insert.values(values).on_conflict_do_nothing(index_elements=[CP.c.subscriber]))
 
 
@@ -256,9 +258,10 @@ def record_failure(db: Connection, subscriber: str, event: Event | Undecodable, 
         "error": error[:4000],
         "failed_at": dt.datetime.now(dt.UTC),
     }
-    insert = postgresql.insert(F) if db.dialect.name == "postgresql" else sqlite.insert(F)
     db.execute(
-        insert.values(values).on_conflict_do_update(
+        dialect_insert(db.dialect.name, F)
+        .values(values)
+        .on_conflict_do_update(
             index_elements=[F.c.subscriber, F.c.event_id],
             set_={"error": values["error"], "failed_at": values["failed_at"]},
         )

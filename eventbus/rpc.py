@@ -74,6 +74,7 @@ from eventbus.errors import (
 from eventbus.events import Event, dumps, loads
 from eventbus.logging import redact
 from eventbus.publisher import Publisher, PublishError, is_amqp
+from eventbus.subscriptions import wants_context
 from eventbus.wire import CONTENT_TYPE, Message, decode, encode
 
 __all__ = ["RequestClient", "RequestContext", "ResponderRunner", "Responders"]
@@ -176,18 +177,10 @@ class Responders:
 
 
 def _wants_context(name: str, function: Callable[..., Any]) -> bool:
-    try:
-        params = list(inspect.signature(function).parameters.values())
-    except (TypeError, ValueError):
-        return False
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if any(p.kind == p.VAR_POSITIONAL for p in params) or len(positional) >= 2:
-        return True
-    if len(positional) == 1:
-        return False
-    raise HandlerDefinitionError(
+    return wants_context(
+        function,
         f"{name}.{getattr(function, '__name__', function)} must take the request "
-        "(and optionally a RequestContext) as arguments"
+        "(and optionally a RequestContext) as arguments",
     )
 
 

@@ -450,6 +450,15 @@ def _check_retry(owner: str, max_attempts: int, retry_delay: float) -> None:
 
 
 def _wants_context(service: str, name: str, function: HandlerFunction) -> bool:
+    return wants_context(
+        function,
+        f"handler {service}.{name} must take the event (and optionally a Context) as arguments",
+    )
+
+
+def wants_context(function: Callable[..., Any], refusal: str) -> bool:
+    """Whether ``function`` takes a second positional argument (the context) after the message;
+    ``HandlerDefinitionError(refusal)`` if it takes no positional argument at all."""
     try:
         params = list(inspect.signature(function).parameters.values())
     except (TypeError, ValueError):
@@ -459,6 +468,4 @@ def _wants_context(service: str, name: str, function: HandlerFunction) -> bool:
         return True
     if len(positional) == 1:
         return False
-    raise HandlerDefinitionError(
-        f"handler {service}.{name} must take the event (and optionally a Context) as arguments"
-    )
+    raise HandlerDefinitionError(refusal)

@@ -11,6 +11,7 @@ import datetime as dt
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 
 metadata = sa.MetaData(
@@ -46,6 +47,12 @@ class UTCDateTime(sa.TypeDecorator[dt.datetime]):
         if moment.tzinfo is None or moment.utcoffset() == _ZERO:
             return moment.replace(tzinfo=dt.UTC)
         return moment.astimezone(dt.UTC)
+
+
+def insert(dialect: str, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
+    """An INSERT into ``table`` that takes ``on_conflict_do_nothing/do_update`` on the two
+    databases eventbus runs on (``dialect``: ``connection.dialect.name``)."""
+    return postgresql.insert(table) if dialect == "postgresql" else sqlite.insert(table)
 
 
 # SQLite only autoincrements an INTEGER PRIMARY KEY (the rowid), not a BIGINT one.

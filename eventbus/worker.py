@@ -74,6 +74,7 @@ from eventbus.replay import Interrupted, apply_through, catch_up
 from eventbus.store import EventStore
 from eventbus.subscriptions import Handler, Service
 from eventbus.tables import bindings as B
+from eventbus.tables import insert as dialect_insert
 from eventbus.topics import virtual_patterns
 from eventbus.wire import PROPERTIES, Message, decode
 
@@ -1469,18 +1470,8 @@ def _replace_rows(
     db.execute(sa.delete(B).where(where, B.c[column].not_in(values)))
     if not values:
         return
-    dialect = db.dialect.name
     rows = [{**fixed, column: v} for v in sorted(values)]
-    if dialect == "postgresql":
-        from sqlalchemy.dialects import postgresql
-
-        db.execute(postgresql.insert(B).on_conflict_do_nothing(), rows)
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects import sqlite
-
-        db.execute(sqlite.insert(B).on_conflict_do_nothing(), rows)
-    else:  # pragma: no cover - eventbus runs on PostgreSQL and SQLite
-        raise BusError(f"unsupported database for bindings: {dialect}")
+    db.execute(dialect_insert(db.dialect.name, B).on_conflict_do_nothing(), rows)
 
 
 def _declare_error(service: Service, exc: BaseException) -> BusError:
