@@ -611,9 +611,11 @@ def bench_end_to_end(bench: Bench) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
+def fresh_database(server_url: str, label: str = "bus") -> Iterator[str]:
+    """A migrated database ``eventbus_bench_<label>_<random>`` beside ``server_url``'s,
+    dropped at the end (also after a failure or Ctrl-C)."""
     admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    name = f"eventbus_bench_bus_{uuid.uuid4().hex[:8]}"
+    name = f"eventbus_bench_{label}_{uuid.uuid4().hex[:8]}"
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     try:
@@ -621,6 +623,7 @@ def fresh_database(server_url: str) -> Iterator[str]:
         upgrade(url)
         yield url
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the drop
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()

@@ -41,15 +41,13 @@ row's rate.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import os
-import signal
 import statistics
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +55,11 @@ import psycopg
 import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bus import fresh_database
 
 from eventbus import Event, EventStore, Projection, configure_logging, replay
-from eventbus.migrate import upgrade
 
 ES_VERSION = "9.5.6"
 ES_PIP = f"pip install 'eventsourcing[postgres]=={ES_VERSION}'"
@@ -252,23 +252,6 @@ def read_eventsourcing(app: Any) -> tuple[int, int]:
 # -- main ----------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
-    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    name = f"eventbus_bench_replay_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        url = server_url.rsplit("/", 1)[0] + "/" + name
-        upgrade(url)
-        yield url
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the drop
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def eventsourcing_app(url: str) -> Any:
     parts = sa.make_url(url)
     return BenchReplay(
@@ -296,7 +279,7 @@ def main() -> None:
     configure_logging("ERROR")  # replay logs the reset of the projection at WARNING
     n = args.events
     try:
-        with fresh_database(args.db) as url:
+        with fresh_database(args.db, "replay") as url:
             store = EventStore(url)
             app = None
             try:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import kombu
 import pytest
 import sqlalchemy as sa
 
@@ -27,9 +28,11 @@ PG_ADMIN_URL = os.environ.get(
 )
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test run, migrated, dropped at the end."""
+@contextlib.contextmanager
+def fresh_pg_database(prefix: str, *, migrate: bool = True) -> Iterator[str]:
+    """A new PostgreSQL database named ``<prefix>_<random>`` (migrated unless ``migrate`` is
+    false), dropped afterwards. Skips the test when the server is unreachable (fails under
+    CI=true)."""
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
@@ -39,17 +42,43 @@ def pg_url() -> Iterator[str]:
         if os.environ.get("CI") == "true":
             pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is unreachable under CI=true: {exc}")
         pytest.skip(f"PostgreSQL at {PG_ADMIN_URL} is unreachable: {exc.orig}")
-    name = f"eventbus_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    upgrade(url)
     try:
+        if migrate:
+            upgrade(url)
         yield url
     finally:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def empty_database(url: str) -> None:
+    """Empty every eventbus table (the run's PostgreSQL database is shared by its tests)."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for table in reversed(metadata.sorted_tables):
+            conn.execute(sa.text(f"TRUNCATE {table.name} RESTART IDENTITY"))
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test run, migrated, dropped at the end."""
+    with fresh_pg_database("eventbus_test") as url:
+        yield url
+
+
+@pytest.fixture
+def pg_store(pg_url: str) -> Iterator[EventStore]:
+    """The run's PostgreSQL store; emptied afterwards (as the db_url fixture does)."""
+    store = EventStore(pg_url)
+    yield store
+    store.close()
+    empty_database(pg_url)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -62,11 +91,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         return
     url = request.getfixturevalue("pg_url")
     yield url
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        for table in reversed(metadata.sorted_tables):
-            conn.execute(sa.text(f"TRUNCATE {table.name} RESTART IDENTITY"))
-    engine.dispose()
+    empty_database(url)
 
 
 @pytest.fixture
@@ -153,6 +178,16 @@ def broker(amqp_url: str) -> Iterator[Broker]:
     b.extra_queues = []
     yield b
     b.cleanup()
+
+
+def queue_info(url: str, queue: str) -> tuple[int, int] | None:
+    """(ready messages, consumers) of ``queue`` by a passive declare; None if it does not exist."""
+    with kombu.Connection(url, connect_timeout=10) as conn:
+        try:
+            _, ready, consumers = conn.channel().queue_declare(queue, passive=True)
+        except conn.channel_errors:
+            return None
+        return int(ready), int(consumers)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:

@@ -8,7 +8,6 @@ user runs them.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import os
 import subprocess
 import sys
@@ -18,13 +17,12 @@ from typing import Any
 
 import kombu
 import pika  # type: ignore[import-untyped]
-import sqlalchemy as sa
 
 from eventbus import EventStore, Relay, Service
 from eventbus.subscriptions import Context
-from eventbus.tables import relay_checkpoints as RC
 from tests.conftest import Broker
 from tests.events_fixtures import UserLoggedIn
+from tests.test_bus_faults import relay_from_head as checkpoint_at_head
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -151,11 +149,6 @@ def publish_garbage(url: str, exchange: str) -> list[bytes]:
 def relay_from_head(store: EventStore, broker: Broker) -> Relay:
     """A relay to ``broker``'s exchange (named after it) that starts after what the database
     holds already (earlier tests' events)."""
-    head = store.head()
     name = f"relay-{broker.tag}"
-    with store.engine.begin() as conn:
-        conn.execute(sa.delete(RC).where(RC.c.name == name))
-        conn.execute(
-            sa.insert(RC).values(name=name, position=head, updated_at=dt.datetime.now(dt.UTC))
-        )
+    checkpoint_at_head(store, name)
     return Relay(store, broker.url, exchange=broker.exchange, name=name)

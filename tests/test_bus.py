@@ -593,3 +593,56 @@ def test_acks_never_cover_a_message_still_in_flight() -> None:
         acks.ack(Delivery(tag))
     acks.flush()
     assert channel.sent == [(7, True)]
+
+
+def test_workers_starting_together_record_their_bindings_without_colliding(
+    pg_store: EventStore, broker: Broker
+) -> None:
+    """Two workers of one service record the same bindings in overlapping transactions: the
+    second waits for the first and then finds its rows there, instead of failing on them."""
+    import threading
+
+    from eventbus.tables import bindings
+
+    svc = broker.service("bindrace")
+    svc.handles("user.#", name="watch")(lambda event: None)
+    handler = svc.handlers["watch"]
+    first_worker, second_worker = (
+        Worker(svc, broker_url=broker.url, store=pg_store, exchange=broker.exchange)
+        for _ in range(2)
+    )
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            with pg_store.engine.begin() as db:
+                second_worker._record_bindings(db, handler, {"user.#"}, None)
+        except BaseException as exc:
+            errors.append(exc)
+
+    def second_is_waiting_for_a_lock() -> bool:
+        with pg_store.engine.connect() as conn:
+            return bool(
+                conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND wait_event_type = 'Lock'"
+                    )
+                ).scalar_one()
+            )
+
+    with pg_store.engine.connect() as db:
+        transaction = db.begin()
+        first_worker._record_bindings(db, handler, {"user.#"}, None)
+        thread = threading.Thread(target=second)
+        thread.start()
+        wait_for(second_is_waiting_for_a_lock, 60, "the second worker to wait for the first")
+        transaction.commit()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert errors == []
+    with pg_store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(bindings.c.pattern).where(bindings.c.queue == handler.queue)
+        ).all()
+    assert [r.pattern for r in rows] == ["user.#"]

@@ -38,11 +38,10 @@ import sqlalchemy as sa
 
 from eventbus import Event, EventStore, Relay, Service, Worker
 from eventbus.subscriptions import Context
-from eventbus.tables import metadata
 from eventbus.tables import processed as P
 from eventbus.tables import relay_checkpoints as C
 from eventbus.worker import running
-from tests.conftest import Broker
+from tests.conftest import Broker, queue_info
 from tests.events_fixtures import UserLoggedIn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,12 +146,7 @@ def wait_for(
 
 def queue_state(url: str, queue: str) -> tuple[int, int]:
     """(ready messages, consumers) of ``queue``; (0, 0) if it does not exist (yet)."""
-    with kombu.Connection(url, connect_timeout=10) as conn:
-        try:
-            _, ready, consumers = conn.channel().queue_declare(queue, passive=True)
-        except conn.channel_errors:
-            return 0, 0
-        return int(ready), int(consumers)
+    return queue_info(url, queue) or (0, 0)
 
 
 def broker_accepts(url: str) -> bool:
@@ -250,19 +244,6 @@ def assert_drained(url: str, queue: str, dead: str) -> None:
 
 
 # -- fixtures ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def pg_store(pg_url: str) -> Iterator[EventStore]:
-    """The run's PostgreSQL store; emptied afterwards (as the db_url fixture does)."""
-    store = EventStore(pg_url)
-    yield store
-    store.close()
-    engine = sa.create_engine(pg_url)
-    with engine.begin() as conn:
-        for table in reversed(metadata.sorted_tables):
-            conn.execute(sa.text(f"TRUNCATE {table.name} RESTART IDENTITY"))
-    engine.dispose()
 
 
 @pytest.fixture

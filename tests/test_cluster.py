@@ -31,7 +31,6 @@ import pytest
 import sqlalchemy as sa
 
 from eventbus import EventStore
-from eventbus.tables import metadata
 from tests.cluster import Cluster, ClusterError, free_port
 from tests.conftest import Broker
 from tests.test_bus_faults import (
@@ -68,17 +67,6 @@ def cluster(amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         pytest.skip(reason)
     with Cluster.started(amqp_url, logs_to=tmp_path_factory.mktemp("cluster-logs")) as c:
         yield c
-
-
-@pytest.fixture
-def pg_store(pg_url: str) -> Iterator[EventStore]:
-    """The run's PostgreSQL store; emptied afterwards."""
-    store = EventStore(pg_url)
-    yield store
-    with store.engine.begin() as conn:
-        for table in reversed(metadata.sorted_tables):
-            conn.execute(sa.text(f"TRUNCATE {table.name} RESTART IDENTITY"))
-    store.close()
 
 
 @pytest.fixture

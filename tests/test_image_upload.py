@@ -38,7 +38,7 @@ from eventbus.tables import events as stored_events
 from eventbus.tables import failures
 from examples.image_upload.microblog import Microblog
 from examples.image_upload.tables import badges, friendships, notifications, points, thumbnails
-from tests.conftest import PG_ADMIN_URL
+from tests.conftest import fresh_pg_database
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = (64, 128, 256)  # examples/image_upload/resizer.py
@@ -51,25 +51,10 @@ SERVICES = ["resizer", "notifier", "points", "tweeter"]
 
 @pytest.fixture
 def database() -> Iterator[str]:
-    """A fresh PostgreSQL database for one deployment, dropped afterwards."""
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} is unreachable under CI=true: {exc}")
-        pytest.skip(f"PostgreSQL at {PG_ADMIN_URL} is unreachable: {exc.orig}")
-    name = f"image_upload_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    """A fresh PostgreSQL database for one deployment (not migrated: the deployment runs
+    ``eventbus db upgrade`` itself), dropped afterwards."""
+    with fresh_pg_database("image_upload", migrate=False) as url:
+        yield url
 
 
 def rabbitmqctl(*args: str) -> str:

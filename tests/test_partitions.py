@@ -35,51 +35,18 @@ from eventbus import EventStore, HandlerDefinitionError, Projection, Relay, Serv
 from eventbus.control import pause, resume
 from eventbus.errors import BusError
 from eventbus.subscriptions import Context
-from eventbus.tables import bindings, metadata
+from eventbus.tables import bindings
 from eventbus.tables import processed as P
-from eventbus.tables import relay_checkpoints as C
 from eventbus.worker import running
 from tests.conftest import Broker, wait_for
+from tests.conftest import queue_info as queue_state
 from tests.events_fixtures import Counted
+from tests.ops_support import relay_from_head
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-def queue_state(url: str, queue: str) -> tuple[int, int] | None:
-    """(ready messages, consumers) of ``queue``; None if it does not exist."""
-    with kombu.Connection(url, connect_timeout=10) as conn:
-        try:
-            _, ready, consumers = conn.channel().queue_declare(queue, passive=True)
-        except conn.channel_errors:
-            return None
-        return int(ready), int(consumers)
-
-
-def relay_from_head(store: EventStore, broker: Broker) -> Relay:
-    """The test's relay, starting after what the shared database holds already."""
-    head, name = store.head(), broker.exchange
-    with store.engine.begin() as conn:
-        conn.execute(sa.delete(C).where(C.c.name == name))
-        conn.execute(
-            sa.insert(C).values(name=name, position=head, updated_at=dt.datetime.now(dt.UTC))
-        )
-    return Relay(store, broker.url, exchange=name, name=name)
-
-
-@pytest.fixture
-def pg_store(pg_url: str) -> Iterator[EventStore]:
-    """The run's PostgreSQL store; emptied afterwards (as the db_url fixture does)."""
-    store = EventStore(pg_url)
-    yield store
-    store.close()
-    engine = sa.create_engine(pg_url)
-    with engine.begin() as conn:
-        for table in reversed(metadata.sorted_tables):
-            conn.execute(sa.text(f"TRUNCATE {table.name} RESTART IDENTITY"))
-    engine.dispose()
 
 
 @pytest.fixture

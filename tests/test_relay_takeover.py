@@ -34,7 +34,7 @@ from click.testing import CliRunner
 from eventbus import EventStore, Relay
 from eventbus.cli import main
 from eventbus.relay import RelayBusy, lock_key
-from tests.conftest import Broker
+from tests.conftest import Broker, empty_database
 from tests.events_fixtures import UserLoggedIn
 from tests.test_bus_faults import (
     Appender,
@@ -268,13 +268,7 @@ def node_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[st
     yield url, store
     store.close()
     if request.param == "postgresql":  # the run's database: emptied for the next test
-        from eventbus.tables import metadata
-
-        engine = sa.create_engine(url)
-        with engine.begin() as conn:
-            for table in reversed(metadata.sorted_tables):
-                conn.execute(sa.text(f"TRUNCATE {table.name} RESTART IDENTITY"))
-        engine.dispose()
+        empty_database(url)
 
 
 @pytest.fixture
