@@ -25,7 +25,7 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eventbus import Event, EventStore, configure_logging
-from eventbus.migrate import upgrade
+from eventbus.store.migrate import upgrade
 
 PAYLOAD = {"user_id": "u-1", "path": "/images/" + "x" * 900}
 

@@ -55,9 +55,9 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
 from eventbus import Event, EventStore, Relay, Service, Worker, configure_logging  # noqa: E402
-from eventbus.migrate import upgrade  # noqa: E402
-from eventbus.tables import metadata  # noqa: E402
-from eventbus.wire import Message, encode  # noqa: E402
+from eventbus.bus.wire import Message, encode  # noqa: E402
+from eventbus.store.migrate import upgrade  # noqa: E402
+from eventbus.store.tables import metadata  # noqa: E402
 
 PATH = "/images/" + "x" * 900  # the payload is ~0.95 KB of JSON
 SCRATCH = Path("/tmp/bench")

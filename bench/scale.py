@@ -55,7 +55,7 @@ from bus import (  # noqa: E402
 )
 
 from eventbus import Event, Service, Worker, configure_logging  # noqa: E402
-from eventbus.wire import Message, encode  # noqa: E402
+from eventbus.bus.wire import Message, encode  # noqa: E402
 
 STREAMS = 200
 SCRATCH = Path("/tmp/bench-scale")

@@ -1,85 +1,57 @@
 """eventbus: publish what happened; let independent services react.
 
-The public API::
+What an application uses, in the order an event meets it::
 
-    from eventbus import Event, EventStore, Aggregate, fields      # events and the store
-    from eventbus import Service, Context, Relay, Worker           # the bus
-    from eventbus import Projection, replay                         # read models, replay
-    from eventbus import Responders, RequestClient                  # request/reply
+    from eventbus import Event, fields, validate            # define events
+    from eventbus import EventStore, Aggregate, upgrade_database   # store them
+    from eventbus import Service, Projection, Context       # subscribe to them
+    from eventbus import Relay, Worker, running, replay     # run the bus, replay the store
+    from eventbus import Responders, RequestClient          # request/reply
+
+Exceptions live in ``eventbus.errors`` (one tree under ``EventbusError``). The package's layout
+and the path of one event through it: ``docs/architecture.md``.
 """
 
 from marshmallow import fields, validate
 
-from eventbus.aggregate import Aggregate
-from eventbus.errors import (
-    BusError,
-    ConcurrencyError,
-    DuplicateEventError,
-    EventbusError,
-    EventDefinitionError,
-    EventError,
-    EventValidationError,
-    HandlerDefinitionError,
-    MalformedMessage,
-    NoResponder,
-    RemoteError,
-    RequestError,
-    RequestTimeout,
-    StoreError,
-    UnknownEventType,
-    UnsupportedVersion,
-)
-from eventbus.events import Event, decode_event, encode_payload, event_class, registered_types
+from eventbus import _deprecated
+from eventbus.errors import EventbusError
+from eventbus.events.model import Event
 from eventbus.logging import configure_logging
-from eventbus.migrate import upgrade as upgrade_database
-from eventbus.relay import Relay
-from eventbus.replay import ReplayReport, ReplayStopped, replay
-from eventbus.rpc import RequestClient, RequestContext, Responders
+from eventbus.rpc.client import RequestClient
+from eventbus.rpc.responders import RequestContext, Responders
+from eventbus.run.relay import Relay
+from eventbus.run.worker import Worker, running
 from eventbus.settings import Settings
-from eventbus.store import EventStore
-from eventbus.subscriptions import Context, Projection, Service
-from eventbus.worker import Worker
+from eventbus.store.aggregate import Aggregate
+from eventbus.store.migrate import upgrade as upgrade_database
+from eventbus.store.store import EventStore
+from eventbus.subscribe.replay import ReplayReport, replay
+from eventbus.subscribe.subscriptions import Context, Projection, Service
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Aggregate",
-    "BusError",
-    "ConcurrencyError",
     "Context",
-    "DuplicateEventError",
     "Event",
-    "EventDefinitionError",
-    "EventError",
     "EventStore",
-    "EventValidationError",
     "EventbusError",
-    "HandlerDefinitionError",
-    "MalformedMessage",
-    "NoResponder",
     "Projection",
     "Relay",
-    "RemoteError",
     "ReplayReport",
-    "ReplayStopped",
     "RequestClient",
     "RequestContext",
-    "RequestError",
-    "RequestTimeout",
     "Responders",
     "Service",
     "Settings",
-    "StoreError",
-    "UnknownEventType",
-    "UnsupportedVersion",
     "Worker",
     "configure_logging",
-    "decode_event",
-    "encode_payload",
-    "event_class",
     "fields",
-    "registered_types",
     "replay",
+    "running",
     "upgrade_database",
     "validate",
 ]
+
+__getattr__ = _deprecated.top_level_name

@@ -1,7 +1,8 @@
 """The exceptions eventbus raises, as one small tree.
 
 Catch ``EventbusError`` for everything, or the family you mean: ``EventError`` for bad events
-(definition, validation, decoding), ``StoreError`` for the event store.
+(definition, validation, decoding), ``StoreError`` for the event store, ``BusError`` for the bus
+(publishing, subscribing, replay, request/reply).
 """
 
 from __future__ import annotations
@@ -98,6 +99,49 @@ def _flatten(messages: Any) -> str:
 
 class BusError(EventbusError):
     """The bus (relay, subscriptions, workers) refused or failed an operation."""
+
+
+class PublishError(BusError):
+    """The broker did not confirm a window (nack, timeout, channel closed); publish it again."""
+
+
+class RelayBusy(BusError):
+    """Another relay of the same name and exchange is active: it publishes these events."""
+
+
+class LeadershipLost(BusError):
+    """The active relay's lock is gone (its session died, its lock file was replaced)."""
+
+
+class ReplayStopped(BusError):
+    """An event failed during replay; everything before it is applied and checkpointed.
+
+    ``event`` is the failed event (or the undecodable record), ``error`` its exception,
+    ``checkpoint`` the subscriber's position afterwards (None in a dry run). Running the replay
+    again resumes there; ``skip_failed=True`` records such events and goes on.
+    """
+
+    def __init__(
+        self, subscriber: str, event: Any, error: BaseException, checkpoint: int | None
+    ) -> None:
+        self.subscriber = subscriber
+        self.event = event
+        self.error = error
+        self.checkpoint = checkpoint
+        kept = "" if checkpoint is None else f" Its checkpoint is {checkpoint}."
+        failure = f"{type(error).__name__}: {error}".strip().replace("\n", " ")
+        super().__init__(
+            f"replay of {subscriber} stopped at position {event.position}: event "
+            f"{event.event_id} ({event.type}) failed: {failure}.{kept}"
+        )
+
+
+class ReplayRefused(BusError, ValueError):
+    """A replay that would pass events over for good, or cannot be done; nothing was applied."""
+
+
+class DeadLetterError(BusError):
+    """A dead-letter operation that cannot be done (no such queue, not a shared broker, ...)."""
 
 
 class MalformedMessage(BusError):

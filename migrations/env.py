@@ -7,7 +7,7 @@ import os
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from eventbus.tables import metadata
+from eventbus.store.tables import metadata
 
 config = context.config
 url = (

@@ -8,7 +8,7 @@ import time
 import sqlalchemy as sa
 
 from eventbus import Service
-from eventbus.subscriptions import Context
+from eventbus.subscribe.subscriptions import Context
 from tests.events_fixtures import UserLoggedIn
 
 slow = Service(os.environ.get("BUS_APP_SERVICE", "bus-app"))

@@ -18,10 +18,10 @@ import kombu
 import pytest
 import sqlalchemy as sa
 
-from eventbus.migrate import upgrade
-from eventbus.store import EventStore
-from eventbus.subscriptions import Projection, Service
-from eventbus.tables import metadata
+from eventbus.store.migrate import upgrade
+from eventbus.store.store import EventStore
+from eventbus.store.tables import metadata
+from eventbus.subscribe.subscriptions import Projection, Service
 
 PG_ADMIN_URL = os.environ.get(
     "EVENTBUS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"

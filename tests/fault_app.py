@@ -21,7 +21,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from eventbus import Service
-from eventbus.subscriptions import Context
+from eventbus.subscribe.subscriptions import Context
 from tests.events_fixtures import UserLoggedIn
 
 faulty = Service(

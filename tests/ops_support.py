@@ -19,7 +19,7 @@ import kombu
 import pika  # type: ignore[import-untyped]
 
 from eventbus import EventStore, Relay, Service
-from eventbus.subscriptions import Context
+from eventbus.subscribe.subscriptions import Context
 from tests.conftest import Broker
 from tests.events_fixtures import UserLoggedIn
 from tests.test_bus_faults import relay_from_head as checkpoint_at_head

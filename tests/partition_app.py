@@ -18,7 +18,7 @@ import time
 import sqlalchemy as sa
 
 from eventbus import Service
-from eventbus.subscriptions import Context
+from eventbus.subscribe.subscriptions import Context
 from tests.events_fixtures import Counted
 
 ordered = Service(os.environ.get("PARTITION_SERVICE", "partition-app"))

@@ -11,7 +11,7 @@ import time
 import sqlalchemy as sa
 
 from eventbus import Projection, Service
-from eventbus.subscriptions import Context
+from eventbus.subscribe.subscriptions import Context
 from tests.events_fixtures import UserLoggedIn
 
 NAME = os.environ.get("REPLAY_APP_NAME", "replay-app")

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from eventbus import Event
-from eventbus.rpc import RequestContext, Responders
+from eventbus.rpc.responders import RequestContext, Responders
 
 
 def slow_request(tag: str) -> type[Event]:

@@ -21,11 +21,12 @@ import pytest
 import sqlalchemy as sa
 import structlog
 
-from eventbus import EventStore, HandlerDefinitionError, Relay, Service, Worker
-from eventbus.subscriptions import Context
-from eventbus.tables import metadata
-from eventbus.wire import encode
-from eventbus.worker import running
+from eventbus import EventStore, Relay, Service, Worker
+from eventbus.bus.wire import encode
+from eventbus.errors import HandlerDefinitionError
+from eventbus.run.worker import running
+from eventbus.store.tables import metadata
+from eventbus.subscribe.subscriptions import Context
 from tests.conftest import Broker, wait_for
 from tests.events_fixtures import Counted, ImageUploaded, UserLoggedIn
 
@@ -151,7 +152,7 @@ def test_handler_declared_with_classes_dead_letters_other_types(
     with running(worker):
         assert worker.ready.wait(60)
         other = Counted(n=1)
-        from eventbus.wire import encode
+        from eventbus.bus.wire import encode
 
         body, props, headers = encode(other)
         with kombu.Connection(broker.url) as conn:
@@ -565,7 +566,7 @@ def test_an_effect_that_fails_at_commit_is_pinned_on_its_event(pg_url: str, brok
 
 def test_acks_never_cover_a_message_still_in_flight() -> None:
     """``multiple`` acks stop below the oldest unsettled delivery; later ones go one by one."""
-    from eventbus.worker import _Acks
+    from eventbus.run.worker import _Acks
 
     class Recorder:  # stands in for the channel: records the acks sent
         def __init__(self) -> None:
@@ -602,7 +603,7 @@ def test_workers_starting_together_record_their_bindings_without_colliding(
     second waits for the first and then finds its rows there, instead of failing on them."""
     import threading
 
-    from eventbus.tables import bindings
+    from eventbus.store.tables import bindings
 
     svc = broker.service("bindrace")
     svc.handles("user.#", name="watch")(lambda event: None)

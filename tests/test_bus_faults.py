@@ -37,10 +37,10 @@ import pytest
 import sqlalchemy as sa
 
 from eventbus import Event, EventStore, Relay, Service, Worker
-from eventbus.subscriptions import Context
-from eventbus.tables import processed as P
-from eventbus.tables import relay_checkpoints as C
-from eventbus.worker import running
+from eventbus.run.worker import running
+from eventbus.store.tables import processed as P
+from eventbus.store.tables import relay_checkpoints as C
+from eventbus.subscribe.subscriptions import Context
 from tests.conftest import Broker, queue_info
 from tests.events_fixtures import UserLoggedIn
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 from eventbus import EventStore, Projection, Service, replay
-from eventbus.control import pause, paused, positions, resume
+from eventbus.ops.control import pause, paused, positions, resume
 from tests.events_fixtures import UserLoggedIn
 
 

@@ -33,7 +33,7 @@ import pytest
 from PIL import Image
 
 from eventbus import EventStore, Worker
-from eventbus.worker import running
+from eventbus.run.worker import running
 from tests.conftest import Broker, wait_for
 from tests.events_fixtures import ImageUploaded, UserLoggedIn
 from tests.ops_support import ROOT, flaky_service, ready, relay_from_head

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from eventbus import EventStore, Worker
-from eventbus.worker import running
+from eventbus.run.worker import running
 from tests.conftest import Broker, wait_for
 from tests.events_fixtures import UserLoggedIn
 from tests.ops_support import flaky_service, publish_garbage, ready, relay_from_head, run_cli

@@ -7,17 +7,15 @@ import uuid
 
 import pytest
 
-from eventbus import (
-    Event,
+from eventbus import Event, fields
+from eventbus.errors import (
     EventDefinitionError,
     EventValidationError,
     UnknownEventType,
     UnsupportedVersion,
-    decode_event,
-    encode_payload,
-    event_class,
-    fields,
 )
+from eventbus.events.codec import decode_event, encode_payload
+from eventbus.events.model import event_class
 from tests.events_fixtures import ImageUploaded, UserLoggedIn
 
 NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
@@ -225,7 +223,7 @@ def test_upcaster_registration_is_checked() -> None:
 
 
 def test_json_beyond_what_orjson_takes_is_handled_as_before() -> None:
-    from eventbus.events import dumps, loads
+    from eventbus.events.codec import dumps, loads
 
     big = 2**70
     assert loads(dumps({"n": big})) == {"n": big}  # beyond 64 bits: the standard library

@@ -18,7 +18,7 @@ import marshmallow
 import pytest
 
 from eventbus import Event, fields, validate
-from eventbus._fastload import compile_loader
+from eventbus.events.fastload import compile_loader
 
 
 class Kinds(Event, type="fastload.kinds"):

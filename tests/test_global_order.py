@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from eventbus import EventStore
-from eventbus.tables import events as T
+from eventbus.store.tables import events as T
 from tests.events_fixtures import Counted
 
 pg_only = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)

@@ -34,8 +34,8 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image, ImageDraw
 
-from eventbus.tables import events as stored_events
-from eventbus.tables import failures
+from eventbus.store.tables import events as stored_events
+from eventbus.store.tables import failures
 from examples.image_upload.microblog import Microblog
 from examples.image_upload.tables import badges, friendships, notifications, points, thumbnails
 from tests.conftest import fresh_pg_database

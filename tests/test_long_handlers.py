@@ -15,8 +15,8 @@ import pytest
 import sqlalchemy as sa
 
 from eventbus import EventStore, Relay, Worker
-from eventbus.subscriptions import Context
-from eventbus.worker import running
+from eventbus.run.worker import running
+from eventbus.subscribe.subscriptions import Context
 from tests.conftest import Broker, wait_for
 from tests.events_fixtures import UserLoggedIn
 

@@ -20,10 +20,11 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
-from eventbus import EventStore, Relay, Worker, metrics
-from eventbus.metrics import serve_metrics
-from eventbus.wire import encode
-from eventbus.worker import running
+from eventbus import EventStore, Relay, Worker
+from eventbus.bus.wire import encode
+from eventbus.ops import metrics
+from eventbus.ops.metrics import serve_metrics
+from eventbus.run.worker import running
 from tests.conftest import Broker, wait_for
 from tests.events_fixtures import Counted, UserLoggedIn
 
@@ -161,7 +162,7 @@ def test_worker_counters_match_what_it_settled(
 def test_paused_gauge_follows_pause_and_resume(
     store: EventStore, broker: Broker, endpoint: int
 ) -> None:
-    from eventbus.control import pause, resume
+    from eventbus.ops.control import pause, resume
 
     svc = broker.service("gauge")
     svc.handles(UserLoggedIn, name="h")(lambda event: None)

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from eventbus.tables import metadata
+from eventbus.store.tables import metadata
 
 
 def test_autogenerate_finds_no_difference(db_url: str) -> None:

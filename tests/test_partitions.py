@@ -31,13 +31,13 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
-from eventbus import EventStore, HandlerDefinitionError, Projection, Relay, Service, Worker
-from eventbus.control import pause, resume
-from eventbus.errors import BusError
-from eventbus.subscriptions import Context
-from eventbus.tables import bindings
-from eventbus.tables import processed as P
-from eventbus.worker import running
+from eventbus import EventStore, Projection, Relay, Service, Worker
+from eventbus.errors import BusError, HandlerDefinitionError
+from eventbus.ops.control import pause, resume
+from eventbus.run.worker import running
+from eventbus.store.tables import bindings
+from eventbus.store.tables import processed as P
+from eventbus.subscribe.subscriptions import Context
 from tests.conftest import Broker, wait_for
 from tests.conftest import queue_info as queue_state
 from tests.events_fixtures import Counted

@@ -24,10 +24,10 @@ import sqlalchemy as sa
 from kombu.utils.url import parse_url
 
 from eventbus import EventStore, Relay, Worker
-from eventbus.control import pause, positions, resume
-from eventbus.subscriptions import Context
-from eventbus.tables import bindings
-from eventbus.worker import running
+from eventbus.ops.control import pause, positions, resume
+from eventbus.run.worker import running
+from eventbus.store.tables import bindings
+from eventbus.subscribe.subscriptions import Context
 from tests.conftest import Broker, wait_for
 from tests.events_fixtures import UserLoggedIn
 

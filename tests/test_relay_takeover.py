@@ -33,7 +33,8 @@ from click.testing import CliRunner
 
 from eventbus import EventStore, Relay
 from eventbus.cli import main
-from eventbus.relay import RelayBusy, lock_key
+from eventbus.errors import RelayBusy
+from eventbus.run.relay import lock_key
 from tests.conftest import Broker, empty_database
 from tests.events_fixtures import UserLoggedIn
 from tests.test_bus_faults import (
@@ -163,7 +164,7 @@ def test_a_relay_whose_lock_session_dies_steps_down_and_competes_again(
 def test_a_relay_whose_lock_file_is_deleted_steps_down_and_competes_again(
     tmp_path: Path, broker: Broker
 ) -> None:
-    from eventbus.migrate import upgrade
+    from eventbus.store.migrate import upgrade
 
     url = f"sqlite:///{tmp_path / 'events.db'}"
     upgrade(url)
@@ -257,7 +258,7 @@ def at(line: dict[str, Any]) -> dt.datetime:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def node_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, EventStore]]:
     """(URL, store) of the database the relay processes share, with an effects table."""
-    from eventbus.migrate import upgrade
+    from eventbus.store.migrate import upgrade
 
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'events.db'}"

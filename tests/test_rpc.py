@@ -36,7 +36,8 @@ from eventbus.errors import (
     RequestError,
     RequestTimeout,
 )
-from eventbus.rpc import RequestClient, RequestContext, ResponderRunner, Responders
+from eventbus.rpc.client import RequestClient
+from eventbus.rpc.responders import RequestContext, ResponderRunner, Responders
 from tests import rpc_app
 from tests.conftest import Broker, wait_for
 

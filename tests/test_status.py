@@ -20,11 +20,11 @@ import pytest
 import sqlalchemy as sa
 
 from eventbus import EventStore, Worker
-from eventbus.control import pause
-from eventbus.status import collect
-from eventbus.subscriptions import Context
-from eventbus.tables import bindings as B
-from eventbus.worker import running
+from eventbus.ops.control import pause
+from eventbus.ops.status import collect
+from eventbus.run.worker import running
+from eventbus.store.tables import bindings as B
+from eventbus.subscribe.subscriptions import Context
 from tests.conftest import Broker, wait_for
 from tests.events_fixtures import UserLoggedIn
 from tests.ops_support import flaky_service, ready, relay_from_head, run_cli

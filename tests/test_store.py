@@ -9,9 +9,10 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from eventbus import Aggregate, ConcurrencyError, DuplicateEventError, EventStore, StoreError
-from eventbus.events import Event
-from eventbus.tables import snapshots
+from eventbus import Aggregate, EventStore
+from eventbus.errors import ConcurrencyError, DuplicateEventError, StoreError
+from eventbus.events.model import Event
+from eventbus.store.tables import snapshots
 from tests.events_fixtures import Counted, ImageUploaded, UserLoggedIn
 
 

@@ -24,11 +24,11 @@ import structlog
 from kombu.utils.url import parse_url
 
 from eventbus import EventStore, Relay, Service, Worker
+from eventbus.bus.wire import decode, encode
 from eventbus.errors import MalformedMessage
-from eventbus.events import Event
-from eventbus.migrate import upgrade
-from eventbus.topics import topic_matches
-from eventbus.wire import decode, encode
+from eventbus.events.model import Event
+from eventbus.events.topics import topic_matches
+from eventbus.store.migrate import upgrade
 from tests.conftest import Broker
 from tests.events_fixtures import Counted, ImageUploaded, UserLoggedIn
 

@@ -41,7 +41,7 @@ def db() -> None:
 @click.option("--revision", default="head", show_default=True, help="Target alembic revision.")
 def upgrade(url: str | None, revision: str) -> None:
     """Apply the migrations up to REVISION (creates the store's tables)."""
-    from eventbus.migrate import upgrade as run_upgrade
+    from eventbus.store.migrate import upgrade as run_upgrade
 
     target = Settings.from_env(database_url=url).database_url
     try:
@@ -107,7 +107,7 @@ def _serve_metrics(port: int | None, host: str) -> None:
     """Start the metrics endpoint when a port is given; exit 1 when it cannot listen there."""
     if port is None:
         return
-    from eventbus.metrics import serve_metrics
+    from eventbus.ops.metrics import serve_metrics
 
     try:
         server = serve_metrics(port, host)
@@ -139,8 +139,9 @@ def relay(
     others stand by and take over within seconds when it stops or dies. --once exits 1 when
     another relay of that name is active.
     """
-    from eventbus.relay import Relay, RelayBusy
-    from eventbus.store import EventStore
+    from eventbus.errors import RelayBusy
+    from eventbus.run.relay import Relay
+    from eventbus.store.store import EventStore
 
     settings = Settings.from_env(
         broker_url=broker_url, database_url=database_url, exchange=exchange
@@ -199,9 +200,9 @@ def run(
     memory:// cannot carry messages between processes. SIGUSR1 pauses every handler of the
     process (its queues are not consumed; in-flight messages finish), SIGUSR2 resumes them.
     """
-    from eventbus.relay import Relay
-    from eventbus.store import EventStore
-    from eventbus.worker import Worker
+    from eventbus.run.relay import Relay
+    from eventbus.run.worker import Worker
+    from eventbus.store.store import EventStore
 
     service = load_service(target)
     settings = Settings.from_env(
@@ -291,11 +292,10 @@ def replay(
     Resumes from the subscriber's checkpoint; Ctrl-C keeps a consistent checkpoint (exit 130).
     Exit 1 when an event fails (its id, type and error are shown), unless --skip-failed.
     """
-    from eventbus.errors import BusError
-    from eventbus.replay import ReplayStopped
-    from eventbus.replay import replay as run_replay
-    from eventbus.store import EventStore
-    from eventbus.worker import Worker
+    from eventbus.errors import ReplayRefused, ReplayStopped
+    from eventbus.run.worker import Worker
+    from eventbus.store.store import EventStore
+    from eventbus.subscribe.replay import replay as run_replay
 
     service = load_service(target)
     handlers = list(service.handlers.values())
@@ -358,12 +358,16 @@ def replay(
             )
         except ReplayStopped as exc:
             bar.close()
-            click.echo(f"eventbus replay: {exc}", err=True)
+            click.echo(
+                f"eventbus replay: {exc} Fix the handler and run again to resume, or pass "
+                "--skip-failed to record the event in eventbus_failures and go on",
+                err=True,
+            )
             failed = True
             break
-        except BusError as exc:  # what it was asked cannot be done (it would lose events)
+        except ReplayRefused as exc:  # what it was asked cannot be done (it would lose events)
             bar.close()
-            raise click.UsageError(str(exc)) from None
+            raise click.UsageError(_in_flags(str(exc))) from None
         except KeyboardInterrupt:
             bar.close()
             _interrupted(handler.queue)
@@ -427,6 +431,23 @@ class _Progress:
             self.bar.close()
 
 
+# replay()'s keyword arguments, as the command's options say them.
+_FLAGS = (
+    ("from_position=", "--from "),
+    ("reset=True", "--reset"),
+    ("dry_run=True", "--dry-run"),
+    ("skip_failed=True", "--skip-failed"),
+    ("types=", "--types"),
+)
+
+
+def _in_flags(message: str) -> str:
+    """A replay refusal in the words of ``eventbus replay``'s options."""
+    for keyword, flag in _FLAGS:
+        message = message.replace(keyword, flag)
+    return message
+
+
 def _print_report(report: Any) -> None:
     kept = "" if report.checkpoint is None else f"; checkpoint {report.checkpoint:,}"
     if report.considered == 0:
@@ -450,7 +471,7 @@ def _print_report(report: Any) -> None:
 
 def load_service(target: str) -> Any:
     """The Service that ``MODULE[:SERVICE]`` names; exits 2 with the reason if there is none."""
-    from eventbus.subscriptions import Service
+    from eventbus.subscribe.subscriptions import Service
 
     return load_target(target, Service, "Service", "SERVICE")
 

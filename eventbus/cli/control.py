@@ -41,8 +41,8 @@ def pause(
     for every queue of a service. Workers notice within about a second and keep running; in-flight
     messages finish. Undo with eventbus resume.
     """
-    from eventbus.control import pause as pause_queue
-    from eventbus.control import paused
+    from eventbus.ops.control import pause as pause_queue
+    from eventbus.ops.control import paused
 
     def act(engine: sa.Engine, queues: list[str]) -> None:
         for queue in queues:
@@ -66,7 +66,7 @@ def resume(targets: tuple[str, ...], database_url: str | None) -> None:
 
     Each TARGET is a queue or MODULE:SERVICE, as for eventbus pause.
     """
-    from eventbus.control import resume as resume_queue
+    from eventbus.ops.control import resume as resume_queue
 
     def act(engine: sa.Engine, queues: list[str]) -> None:
         for queue in queues:
@@ -87,7 +87,7 @@ def _run(
     check: bool,
 ) -> None:
     """Resolve the targets to queue names, check them, then ``act`` on them."""
-    from eventbus.store import create_engine
+    from eventbus.store.store import create_engine
 
     url = Settings.from_env(database_url=database_url).database_url
     engine = create_engine(url)
@@ -127,8 +127,8 @@ def _queues(targets: tuple[str, ...]) -> list[str]:
 
 def _check_declared(engine: sa.Engine, verb: str, queues: list[str]) -> None:
     """A queue no worker ever declared is most likely a typo: say so (exit 2)."""
-    from eventbus.control import paused
-    from eventbus.tables import bindings
+    from eventbus.ops.control import paused
+    from eventbus.store.tables import bindings
 
     if not queues:
         return

@@ -51,7 +51,7 @@ def dashboard(
     It has no login: it listens on 127.0.0.1 unless --host says otherwise. TARGET
     (MODULE[:SERVICE]) shows one service's handlers only.
     """
-    from eventbus.dashboard import Dashboard, Server, serve
+    from eventbus.ops.dashboard import Dashboard, Server, serve
 
     if refresh <= 0:
         raise click.BadParameter("must be > 0", param_hint="--refresh")

@@ -34,7 +34,7 @@ def _ids(fn: Any) -> Any:
 
 def _run(command: str, action: Callable[[], T]) -> T:
     """Run a dead-letter operation; exit 1 with the reason when it cannot be done."""
-    from eventbus.deadletters import DeadLetterError
+    from eventbus.errors import DeadLetterError
 
     try:
         return action()
@@ -72,7 +72,7 @@ def list_(
 
     QUEUE is a handler's queue (<service>.<handler>) or its .dead queue.
     """
-    from eventbus.deadletters import peek
+    from eventbus.ops.deadletters import peek
 
     url = Settings.from_env(broker_url=broker_url).broker_url
     if queue is None:
@@ -110,7 +110,7 @@ def list_(
 
 
 def _summary(broker_url: str, database_url: str | None, as_json: bool) -> None:
-    from eventbus.status import collect
+    from eventbus.ops.status import collect
 
     if broker_url.startswith("memory://"):
         raise click.UsageError(
@@ -151,7 +151,7 @@ def show(queue: str, letter_id: str, broker_url: str | None, full: bool, as_json
     ID is what 'eventbus dead-letters list' shows (the event id, or body-<hash> for a message
     without one). QUEUE is a handler's queue or its .dead queue.
     """
-    from eventbus.deadletters import find, json_safe, queues_of
+    from eventbus.ops.deadletters import find, json_safe, queues_of
 
     url = Settings.from_env(broker_url=broker_url).broker_url
     letters = _run("show", lambda: find(url, queue, letter_id))
@@ -192,7 +192,7 @@ def retry(queue: str, ids: tuple[str, ...], broker_url: str | None) -> None:
     and a crash in between gives a duplicate that the handler drops by its event id.
     QUEUE is a handler's queue or its .dead queue.
     """
-    from eventbus.deadletters import retry as run_retry
+    from eventbus.ops.deadletters import retry as run_retry
 
     url = Settings.from_env(broker_url=broker_url).broker_url
     done = _run("retry", lambda: run_retry(url, queue, ids=ids or None))
@@ -213,8 +213,8 @@ def purge(queue: str, ids: tuple[str, ...], broker_url: str | None, yes: bool) -
     QUEUE is a handler's queue or its .dead queue. Deleted messages are gone from the broker;
     the events themselves stay in the store (eventbus replay can feed them again).
     """
-    from eventbus.deadletters import peek, queues_of
-    from eventbus.deadletters import purge as run_purge
+    from eventbus.ops.deadletters import peek, queues_of
+    from eventbus.ops.deadletters import purge as run_purge
 
     url = Settings.from_env(broker_url=broker_url).broker_url
     dead = queues_of(queue)[1]

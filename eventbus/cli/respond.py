@@ -11,7 +11,7 @@ from eventbus.logging import redact
 from eventbus.settings import Settings
 
 if TYPE_CHECKING:
-    from eventbus.rpc import Responders
+    from eventbus.rpc.responders import Responders
 
 
 @click.command()
@@ -29,7 +29,7 @@ def respond(target: str, broker_url: str | None, concurrency: int) -> None:
     Several processes may answer the same requests: they compete for them. SIGTERM/SIGINT
     finish the requests in flight, then exit 0.
     """
-    from eventbus.rpc import ResponderRunner
+    from eventbus.rpc.responders import ResponderRunner
 
     responders = _load(target)
     url = Settings.from_env(broker_url=broker_url).broker_url
@@ -52,7 +52,7 @@ def respond(target: str, broker_url: str | None, concurrency: int) -> None:
 
 def _load(target: str) -> Responders:
     from eventbus.cli import load_target
-    from eventbus.rpc import Responders
+    from eventbus.rpc.responders import Responders
 
     found: Responders = load_target(target, Responders, "Responders group", "RESPONDERS")
     return found

@@ -39,8 +39,8 @@ def open_store(database_url: str | None, command: str) -> Any:
     """The event store, or exit 1 saying why it cannot be read."""
     import sqlalchemy as sa
 
-    from eventbus.store import EventStore
-    from eventbus.tables import events
+    from eventbus.store.store import EventStore
+    from eventbus.store.tables import events
 
     url = Settings.from_env(database_url=database_url).database_url
     path = sa.make_url(url).database if url.startswith("sqlite") else None
@@ -125,7 +125,7 @@ def status(
     processed (a projection: its checkpoint). With --max-lag/--max-dead/--max-depth it exits 1
     when one is exceeded (and says which), else 0: usable as a health check.
     """
-    from eventbus.status import collect, exceeded, render, to_dict
+    from eventbus.ops.status import collect, exceeded, render, to_dict
 
     settings = Settings.from_env(broker_url=broker_url)
     queues = target_queues(target)

@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from PIL import Image
 
 from eventbus import EventStore, Relay, Worker, configure_logging
-from eventbus.tables import events as stored_events
+from eventbus.store.tables import events as stored_events
 from examples.image_upload import app, web
 from examples.image_upload.events import (
     FriendsNotified,

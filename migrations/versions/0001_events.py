@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-from eventbus.tables import UTCDateTime
+from eventbus.store.tables import UTCDateTime
 
 revision = "0001"
 down_revision = None

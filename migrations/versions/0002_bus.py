@@ -8,7 +8,7 @@ Create Date: 2026-11-23
 import sqlalchemy as sa
 from alembic import op
 
-from eventbus.tables import UTCDateTime
+from eventbus.store.tables import UTCDateTime
 
 revision = "0002"
 down_revision = "0001"

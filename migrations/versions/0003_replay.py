@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
-from eventbus.tables import UTCDateTime
+from eventbus.store.tables import UTCDateTime
 
 revision = "0003"
 down_revision = "0002"

@@ -1,4 +1,4 @@
-"""Events: schema-defined, immutable, versioned facts, and their JSON codec.
+"""Events: schema-defined, immutable, versioned facts (the codec: ``eventbus.events.codec``).
 
 An event type is a subclass of ``Event`` whose fields are declared with marshmallow, either as
 type annotations (a plain ``str``/``int``/``datetime``/... infers the field) or explicitly as
@@ -27,7 +27,6 @@ import copy
 import datetime as dt
 import decimal
 import inspect
-import json
 import re
 import types
 import typing
@@ -36,27 +35,16 @@ from collections.abc import Callable, Mapping
 from typing import Annotated, Any, ClassVar, TypeVar
 
 import marshmallow
-import orjson
 from marshmallow import fields
 
-from eventbus._fastload import Loader, compile_loader
 from eventbus.errors import (
     EventDefinitionError,
     EventValidationError,
     UnknownEventType,
-    UnsupportedVersion,
 )
+from eventbus.events.fastload import Loader, compile_loader
 
-__all__ = [
-    "Event",
-    "Upcaster",
-    "decode_event",
-    "dumps",
-    "encode_payload",
-    "event_class",
-    "loads",
-    "registered_types",
-]
+__all__ = ["Event", "Upcaster", "event_class", "registered_types"]
 
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 """Turns the JSON payload of version N into the payload of version N + 1."""
@@ -422,139 +410,3 @@ def event_class(type_name: str) -> type[Event]:
 def registered_types() -> dict[str, type[Event]]:
     """A copy of the registry: type name -> event class."""
     return dict(_registry)
-
-
-# -- codec ----------------------------------------------------------------------------------
-
-
-def encode_payload(event: Event) -> dict[str, Any]:
-    """The event's payload as JSON-compatible values (what the store and the wire carry)."""
-    data: dict[str, Any] = event._schema.dump(event.payload)
-    return data
-
-
-def decode_event(
-    type_name: str,
-    schema_version: int,
-    payload: Mapping[str, Any],
-    *,
-    event_id: uuid.UUID | str,
-    occurred_at: dt.datetime,
-    correlation_id: str | None = None,
-    causation_id: str | None = None,
-    stream_id: str | None = None,
-    stream_version: int | None = None,
-    position: int | None = None,
-) -> Event:
-    """Rebuild an event from its stored or received form: upcast, then validate.
-
-    Raises ``UnknownEventType``, ``UnsupportedVersion`` or ``EventValidationError``.
-    """
-    cls = event_class(type_name)
-    if type(payload) is dict and schema_version == cls.schema_version and not cls._naive_ok:
-        event = _decode_plain(cls, payload, event_id, occurred_at, correlation_id, causation_id)
-        if event is not None:
-            event.__dict__.update(
-                stream_id=stream_id, stream_version=stream_version, position=position
-            )
-            return event
-    if not isinstance(payload, Mapping):
-        raise EventValidationError(cls._label(), {"_schema": ["Payload is not a JSON object."]})
-    data = upcast(cls, schema_version, payload)
-    errors: dict[str, Any] = {}
-    values = _load(cls, data, errors)
-    envelope = _envelope(event_id, occurred_at, correlation_id, causation_id, errors)
-    if errors:
-        raise EventValidationError(cls._label(), errors)
-    envelope.update(stream_id=stream_id, stream_version=stream_version, position=position)
-    event = object.__new__(cls)
-    _fill(event, values, envelope)
-    return event
-
-
-def _decode_plain(
-    cls: type[Event],
-    payload: dict[str, Any],
-    event_id: uuid.UUID | str,
-    occurred_at: dt.datetime,
-    correlation_id: str | None,
-    causation_id: str | None,
-) -> Event | None:
-    """The common case of ``decode_event`` without its general checks, or None: the current
-    version, a payload the fast loader takes, an envelope of the exact stored types."""
-    if (
-        cls._fast_load is None
-        or type(event_id) is not uuid.UUID
-        or type(occurred_at) is not dt.datetime
-        or not _plain_id(correlation_id)
-        or not _plain_id(causation_id)
-    ):
-        return None
-    if occurred_at.tzinfo is not dt.UTC:
-        if occurred_at.utcoffset() != _ZERO:  # None (naive) or another zone: the general path
-            return None
-        occurred_at = occurred_at.replace(tzinfo=dt.UTC)  # e.g. psycopg's ZoneInfo("Etc/UTC")
-    values = cls._fast_load(payload)
-    if values is None:
-        return None
-    event = object.__new__(cls)
-    event.__dict__.update(
-        values,
-        event_id=event_id,
-        occurred_at=occurred_at,
-        correlation_id=correlation_id or str(event_id),
-        causation_id=causation_id,
-    )
-    return event
-
-
-_ZERO = dt.timedelta(0)
-
-
-def _plain_id(value: str | None) -> bool:
-    return value is None or (type(value) is str and 0 < len(value) <= 255)
-
-
-def upcast(cls: type[Event], schema_version: object, payload: Mapping[str, Any]) -> dict[str, Any]:
-    """Bring a payload of ``schema_version`` to the current version of ``cls``."""
-    if not isinstance(schema_version, int) or isinstance(schema_version, bool):
-        raise UnsupportedVersion(cls._label(), schema_version, "it is not an integer")
-    if schema_version > cls.schema_version:
-        raise UnsupportedVersion(
-            cls._label(),
-            schema_version,
-            f"newer than this code's version {cls.schema_version}; deploy the newer event class",
-        )
-    if schema_version < 1:
-        raise UnsupportedVersion(cls._label(), schema_version, "versions start at 1")
-    data = dict(payload)
-    for version in range(schema_version, cls.schema_version):
-        step = cls._upcasters.get(version)
-        if step is None:
-            raise UnsupportedVersion(
-                cls._label(),
-                schema_version,
-                f"no upcaster registered from version {version} to {version + 1}",
-            )
-        data = step(data)
-    return data
-
-
-def dumps(payload: Mapping[str, Any]) -> bytes:
-    """Compact UTF-8 JSON."""
-    try:
-        return orjson.dumps(payload)
-    except TypeError:  # what orjson refuses but JSON allows (integers beyond 64 bits)
-        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def loads(data: bytes | str) -> Any:
-    """Parse JSON: orjson, and the standard library for what orjson refuses.
-
-    orjson is strict (no NaN, integers within 64 bits, nesting within 1,024 levels); whatever
-    it refuses is parsed again by ``json``, which accepts or rejects it as before.
-    """
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(data)

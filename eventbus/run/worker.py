@@ -63,20 +63,24 @@ import kombu.exceptions
 import sqlalchemy as sa
 import structlog
 
-from eventbus import control, metrics
-from eventbus._connect import connect, wait_for_frames
-from eventbus.errors import BusError, MalformedMessage
-from eventbus.events import Event
-from eventbus.handling import forget_processed, invoke, log_context, processed_recorder
+from eventbus.bus.runtime import connect, wait_for_frames
+from eventbus.bus.wire import PROPERTIES, Message, Publisher, declare_exchange, decode, is_amqp
+from eventbus.errors import BusError, MalformedMessage, PublishError
+from eventbus.events.model import Event
+from eventbus.events.topics import virtual_patterns
 from eventbus.logging import redact
-from eventbus.publisher import Publisher, PublishError, declare_exchange, is_amqp
-from eventbus.replay import Interrupted, apply_through, catch_up
-from eventbus.store import EventStore
-from eventbus.subscriptions import Handler, Service
-from eventbus.tables import bindings as B
-from eventbus.tables import insert as dialect_insert
-from eventbus.topics import virtual_patterns
-from eventbus.wire import PROPERTIES, Message, decode
+from eventbus.ops import control, metrics
+from eventbus.store.store import EventStore
+from eventbus.store.tables import bindings as B
+from eventbus.store.tables import insert as dialect_insert
+from eventbus.subscribe.exactly_once import (
+    forget_processed,
+    invoke,
+    log_context,
+    processed_recorder,
+)
+from eventbus.subscribe.replay import Interrupted, apply_through, catch_up
+from eventbus.subscribe.subscriptions import Handler, Service
 
 log = structlog.get_logger("eventbus.worker")
 

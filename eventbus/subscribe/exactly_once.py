@@ -23,14 +23,14 @@ import structlog
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 
-from eventbus.events import Event
+from eventbus.events.model import Event
 from eventbus.logging import redact
-from eventbus.store import EventStore, Undecodable
-from eventbus.subscriptions import Context, Handler
-from eventbus.tables import checkpoints as CP
-from eventbus.tables import failures as F
-from eventbus.tables import insert as dialect_insert
-from eventbus.tables import processed as P
+from eventbus.store.store import EventStore, Undecodable
+from eventbus.store.tables import checkpoints as CP
+from eventbus.store.tables import failures as F
+from eventbus.store.tables import insert as dialect_insert
+from eventbus.store.tables import processed as P
+from eventbus.subscribe.subscriptions import Context, Handler
 
 
 def log_context(handler: Handler, event: Event | None, attempt: int | None) -> dict[str, Any]:

@@ -15,8 +15,8 @@ log = structlog.get_logger("eventbus.migrate")
 
 def migrations_dir() -> Path:
     """The alembic environment: inside the wheel, or ``migrations/`` in a source checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_migrations", here.parent / "migrations"):
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "_migrations", package.parent / "migrations"):
         if (candidate / "env.py").exists():
             return candidate
     raise FileNotFoundError("eventbus migrations not found (is the package installed whole?)")

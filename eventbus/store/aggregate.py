@@ -18,10 +18,10 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from eventbus.errors import StoreError
-from eventbus.events import Event
-from eventbus.store import EventStore
-from eventbus.tables import insert as dialect_insert
-from eventbus.tables import snapshots as S
+from eventbus.events.model import Event
+from eventbus.store.store import EventStore
+from eventbus.store.tables import insert as dialect_insert
+from eventbus.store.tables import snapshots as S
 
 _OWN = ("id", "version", "pending")
 log = structlog.get_logger("eventbus.aggregate")

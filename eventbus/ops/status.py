@@ -34,15 +34,14 @@ import amqp.exceptions
 import kombu
 import sqlalchemy as sa
 
-from eventbus import publisher  # noqa: F401 - installs the tolerant AMQP property decoder
-from eventbus._connect import connect
-from eventbus.control import Pause, paused, positions
+from eventbus.bus.runtime import connect
 from eventbus.logging import redact
-from eventbus.store import EventStore
-from eventbus.tables import bindings as B
-from eventbus.tables import checkpoints as CP
-from eventbus.tables import paused as PA
-from eventbus.tables import relay_checkpoints as RC
+from eventbus.ops.control import Pause, paused, positions
+from eventbus.store.store import EventStore
+from eventbus.store.tables import bindings as B
+from eventbus.store.tables import checkpoints as CP
+from eventbus.store.tables import paused as PA
+from eventbus.store.tables import relay_checkpoints as RC
 
 JSON_VERSION = 1
 PROJECTION_SUFFIX = ".projection"

@@ -30,15 +30,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from eventbus.errors import HandlerDefinitionError
-from eventbus.events import Event
-from eventbus.topics import check_pattern, topic_matches
+from eventbus.events.model import Event
+from eventbus.events.topics import check_pattern, topic_matches
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
     import structlog
     from sqlalchemy.engine import Connection
 
-    from eventbus.store import EventStore
+    from eventbus.store.store import EventStore
 
 HandlerFunction = Callable[..., Any]
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")

@@ -45,9 +45,12 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Connection
 
-from eventbus.errors import BusError
-from eventbus.events import Event, registered_types
-from eventbus.handling import (
+from eventbus.errors import ReplayRefused, ReplayStopped
+from eventbus.events.model import Event, registered_types
+from eventbus.store.store import EventStore, Page, Undecodable
+from eventbus.store.tables import failures as F
+from eventbus.store.tables import processed as P
+from eventbus.subscribe.exactly_once import (
     describe,
     ensure_checkpoint,
     forget_processed,
@@ -58,38 +61,12 @@ from eventbus.handling import (
     record_failure,
     save_checkpoint,
 )
-from eventbus.store import EventStore, Page, Undecodable
-from eventbus.subscriptions import Handler, Projection
-from eventbus.tables import failures as F
-from eventbus.tables import processed as P
+from eventbus.subscribe.subscriptions import Handler, Projection
 
 log = structlog.get_logger("eventbus.replay")
 
 Progress = Callable[[int, int], None]
 """``progress(advanced, total)``: ``advanced`` more positions of ``total`` were considered."""
-
-
-class ReplayStopped(BusError):
-    """An event failed during replay; everything before it is applied and checkpointed."""
-
-    def __init__(
-        self,
-        subscriber: str,
-        event: Event | Undecodable,
-        error: BaseException,
-        checkpoint: int | None,
-    ) -> None:
-        self.subscriber = subscriber
-        self.event = event
-        self.error = error
-        self.checkpoint = checkpoint
-        kept = "" if checkpoint is None else f" Its checkpoint is {checkpoint};"
-        super().__init__(
-            f"replay of {subscriber} stopped at position {event.position}: event "
-            f"{event.event_id} ({event.type}) failed: {describe(error)}.{kept} fix the handler "
-            "and run again to resume, or pass --skip-failed to record the event in "
-            "eventbus_failures and go on"
-        )
 
 
 @dataclass
@@ -262,11 +239,11 @@ class _Runner:
                 position = found[0] if found else 0
             ordered_strict = self.handler.ordered and not reset and not self.dry_run
             if ordered_strict and from_position is not None and from_position > position + 1:
-                raise BusError(
+                raise ReplayRefused(
                     f"projection {self.queue} resumes after its checkpoint {position}; "
-                    f"--from {from_position} would pass over positions {position + 1}-"
-                    f"{from_position - 1} for good. Rebuild from there with --reset --from "
-                    f"{from_position}, or try it with --dry-run"
+                    f"from_position={from_position} would pass over positions {position + 1}-"
+                    f"{from_position - 1} for good. Rebuild from there with reset=True "
+                    f"from_position={from_position}, or try it with dry_run=True"
                 )
             self._dry_checkpoint = position
             self._moves_checkpoint = names is None and (from_position or 1) <= position + 1
@@ -303,9 +280,9 @@ class _Runner:
         if from_position is not None and from_position < 1:
             raise ValueError(f"{self.queue}: from_position must be >= 1, not {from_position}")
         if reset and not isinstance(self.handler.owner, Projection):
-            raise BusError(
+            raise ReplayRefused(
                 f"{self.queue} cannot be reset: only a Projection declares how to empty its "
-                "read model (a handler's effects are its own; replay it without --reset)"
+                "read model (a handler's effects are its own; replay it without reset=True)"
             )
         if types is None:
             return None
@@ -313,17 +290,19 @@ class _Runner:
         known = registered_types()
         for name in sorted(wanted):
             if name not in known:
-                raise BusError(f"{self.queue}: no event type {name!r} is defined in this process")
+                raise ReplayRefused(
+                    f"{self.queue}: no event type {name!r} is defined in this process"
+                )
             cls = known[name]
             if not self.handler.subscribes(name, cls.routing_key):
-                raise BusError(
+                raise ReplayRefused(
                     f"{self.queue} does not subscribe to {name!r} "
                     f"(its patterns: {', '.join(self.handler.patterns)})"
                 )
         if self.handler.ordered and not self.dry_run:
-            raise BusError(
-                f"projection {self.queue}: --types would move its checkpoint past the other "
-                "event types it takes, for good; try it with --dry-run, or rebuild it whole"
+            raise ReplayRefused(
+                f"projection {self.queue}: types= would move its checkpoint past the other "
+                "event types it takes, for good; try it with dry_run=True, or rebuild it whole"
             )
         return sorted(wanted)
 

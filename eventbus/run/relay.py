@@ -56,15 +56,14 @@ import kombu
 import sqlalchemy as sa
 import structlog
 
-from eventbus import metrics
-from eventbus._connect import connect
-from eventbus.errors import BusError
+from eventbus.bus.runtime import connect
+from eventbus.bus.wire import Message, Publisher, encode_record, is_amqp
+from eventbus.errors import LeadershipLost, RelayBusy
 from eventbus.logging import redact
-from eventbus.publisher import Publisher, is_amqp
-from eventbus.store import EventStore
-from eventbus.tables import events as T
-from eventbus.tables import relay_checkpoints as C
-from eventbus.wire import Message, encode_record
+from eventbus.ops import metrics
+from eventbus.store.store import EventStore
+from eventbus.store.tables import events as T
+from eventbus.store.tables import relay_checkpoints as C
 
 log = structlog.get_logger("eventbus.relay")
 
@@ -80,14 +79,6 @@ _COLUMNS = (
     T.c.causation_id,
     T.c.routing_key,
 )
-
-
-class RelayBusy(BusError):
-    """Another relay of the same name and exchange is active: it publishes these events."""
-
-
-class LeadershipLost(BusError):
-    """The active relay's lock is gone (its session died, its lock file was replaced)."""
 
 
 class Relay:

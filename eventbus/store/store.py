@@ -42,9 +42,10 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from eventbus.errors import ConcurrencyError, DuplicateEventError, EventError, StoreError
-from eventbus.events import Event, decode_event, encode_payload, loads
-from eventbus.tables import events as T
-from eventbus.topics import topic_matches_any
+from eventbus.events.codec import decode_event, encode_payload, loads
+from eventbus.events.model import Event
+from eventbus.events.topics import topic_matches_any
+from eventbus.store.tables import events as T
 
 log = structlog.get_logger("eventbus.store")
 

@@ -33,11 +33,12 @@ from typing import Any
 import sqlalchemy as sa
 import structlog
 
-from eventbus.deadletters import DeadLetterError, peek, queues_of, retry
+from eventbus.errors import DeadLetterError
 from eventbus.logging import redact
-from eventbus.status import collect, known_queues, to_dict
-from eventbus.store import EventStore
-from eventbus.tables import events as T
+from eventbus.ops.deadletters import peek, queues_of, retry
+from eventbus.ops.status import collect, known_queues, to_dict
+from eventbus.store.store import EventStore
+from eventbus.store.tables import events as T
 
 log = structlog.get_logger("eventbus.dashboard")
 
@@ -300,7 +301,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 def _page(token: str, refresh: float) -> bytes:
-    template = importlib.resources.files("eventbus").joinpath("dashboard.html").read_text("utf-8")
+    page = importlib.resources.files("eventbus.ops").joinpath("dashboard.html")
+    template = page.read_text("utf-8")
     return (
         template.replace("__TOKEN__", token)
         .replace("__REFRESH_MS__", str(round(refresh * 1000)))

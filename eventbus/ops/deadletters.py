@@ -33,10 +33,9 @@ from typing import Any
 
 import amqp.exceptions
 
-from eventbus._connect import connect
-from eventbus.errors import BusError
-from eventbus.publisher import Publisher, is_amqp
-from eventbus.wire import PROPERTIES, Message
+from eventbus.bus.runtime import connect
+from eventbus.bus.wire import PROPERTIES, Message, Publisher, is_amqp
+from eventbus.errors import DeadLetterError
 
 DEAD_SUFFIX = ".dead"
 # Headers of a failure: removed on retry, so the worker counts attempts from the start.
@@ -45,10 +44,6 @@ _FAILURE_HEADERS = frozenset(
     ("x-attempts", "x-first-failure-at", "x-failed-at", "x-queue", "x-delivery-count")
 )
 _WINDOW = 500  # messages republished per confirm window
-
-
-class DeadLetterError(BusError):
-    """A dead-letter operation that cannot be done (no such queue, not a shared broker, ...)."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,249 @@
+"""Prometheus metrics of workers and relays, and the HTTP endpoint that serves them.
+
+The metric objects live here, in prometheus_client's default registry; workers and relays call
+the small methods of ``HandlerMetrics`` / ``RelayMetrics``, whose label children are made once
+per handler or relay (a ``labels()`` lookup per event would cost more than the increment).
+Nothing is served until ``serve_metrics(port)`` (``eventbus run|relay --metrics-port``).
+
+Worker counters count what the connection's thread settled, so in steady state
+``failed == retried + dead_lettered{reason="attempts_exhausted"}``. Lag is positions, not
+messages: the store's head (numbered or waiting for a number) minus how far the subscriber got
+(``eventbus.control.positions``; 0 when it processed nothing yet).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from sqlalchemy.engine import Connection
+
+from eventbus.ops.control import positions
+from eventbus.store.tables import events as T
+from eventbus.subscribe.subscriptions import Handler
+
+_HANDLER = ("service", "queue", "handler")
+
+PROCESSED = Counter(
+    "eventbus_events_processed",
+    "Events a handler ran and committed (projections: events applied).",
+    _HANDLER,
+)
+FAILED = Counter(
+    "eventbus_events_failed",
+    "Deliveries whose handler raised or whose transaction failed (each attempt); "
+    "projections: events given up on after their in-place retries.",
+    _HANDLER,
+)
+RETRIED = Counter(
+    "eventbus_events_retried", "Failed events sent to a delay queue for another attempt.", _HANDLER
+)
+DEAD_LETTERED = Counter(
+    "eventbus_events_dead_lettered",
+    "Messages sent to <queue>.dead; reason: attempts_exhausted or malformed.",
+    (*_HANDLER, "reason"),
+)
+DUPLICATES = Counter(
+    "eventbus_duplicates_skipped",
+    "Deliveries of events the handler had processed already (acked without running it).",
+    _HANDLER,
+)
+DURATION = Histogram(
+    "eventbus_handler_duration_seconds",
+    "Time in the handler per event, failed attempts included (not for projections).",
+    _HANDLER,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+LAG = Gauge(
+    "eventbus_subscriber_lag_events",
+    "Store head minus the last position the subscriber processed (refreshed every 5 s).",
+    _HANDLER,
+)
+PAUSED = Gauge(
+    "eventbus_handler_paused", "1 while this process does not consume the queue.", _HANDLER
+)
+IN_FLIGHT = Gauge(
+    "eventbus_messages_in_flight", "Messages received and not yet settled.", ("service",)
+)
+RELAY_PUBLISHED = Counter(
+    "eventbus_relay_published",
+    "Messages sent to the exchange (windows sent again count again).",
+    ("relay",),
+)
+RELAY_CONFIRMED = Counter(
+    "eventbus_relay_confirmed",
+    "Messages the broker confirmed (the checkpoint moved past them).",
+    ("relay",),
+)
+RELAY_CONFIRM_SECONDS = Histogram(
+    "eventbus_relay_confirm_seconds",
+    "From sending a window to the broker's last confirm of it.",
+    ("relay",),
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RELAY_LAG = Gauge(
+    "eventbus_relay_lag_events",
+    "Store head minus the relay's checkpoint (refreshed every 5 s).",
+    ("relay",),
+)
+RELAY_UNROUTABLE = Counter(
+    "eventbus_relay_unroutable", "Confirmed events no queue was bound for.", ("relay",)
+)
+RELAY_ACTIVE = Gauge(
+    "eventbus_relay_active",
+    "1 while this process's relay holds the lock and publishes, 0 while it stands by.",
+    ("relay",),
+)
+
+REFRESH_INTERVAL = 5.0  # seconds between lag refreshes
+
+
+class HandlerMetrics:
+    """One handler's metrics, with its label children made once."""
+
+    __slots__ = (
+        "_dead",
+        "_duplicates",
+        "_duration",
+        "_failed",
+        "_labels",
+        "_lag",
+        "_paused",
+        "_processed",
+        "_retried",
+    )
+
+    def __init__(self, handler: Handler) -> None:
+        labels = {"service": handler.service, "queue": handler.queue, "handler": handler.name}
+        self._labels = labels
+        self._processed = PROCESSED.labels(**labels)
+        self._failed = FAILED.labels(**labels)
+        self._retried = RETRIED.labels(**labels)
+        self._duplicates = DUPLICATES.labels(**labels)
+        self._duration = DURATION.labels(**labels)
+        self._lag = LAG.labels(**labels)
+        self._paused = PAUSED.labels(**labels)
+        self._dead = {
+            reason: DEAD_LETTERED.labels(**labels, reason=reason)
+            for reason in ("attempts_exhausted", "malformed")
+        }
+
+    def processed(self, count: int = 1) -> None:
+        if count:
+            self._processed.inc(count)
+
+    def failed(self, count: int = 1) -> None:
+        if count:
+            self._failed.inc(count)
+
+    def retried(self) -> None:
+        self._retried.inc()
+
+    def dead_lettered(self, reason: str) -> None:
+        """``reason``: ``attempts_exhausted`` or ``malformed``."""
+        self._dead[reason].inc()
+
+    def duplicate(self) -> None:
+        self._duplicates.inc()
+
+    def handled(self, seconds: float) -> None:
+        """One event's time in the handler."""
+        self._duration.observe(seconds)
+
+    def lag(self, positions_behind: int) -> None:
+        self._lag.set(positions_behind)
+
+    def paused(self, paused: bool) -> None:
+        self._paused.set(1 if paused else 0)
+
+
+class RelayMetrics:
+    """One relay's metrics (label ``relay``: its name), with label children made once."""
+
+    __slots__ = ("_active", "_confirm_seconds", "_confirmed", "_lag", "_published", "_unroutable")
+
+    def __init__(self, name: str) -> None:
+        self._published = RELAY_PUBLISHED.labels(relay=name)
+        self._confirmed = RELAY_CONFIRMED.labels(relay=name)
+        self._confirm_seconds = RELAY_CONFIRM_SECONDS.labels(relay=name)
+        self._lag = RELAY_LAG.labels(relay=name)
+        self._unroutable = RELAY_UNROUTABLE.labels(relay=name)
+        self._active = RELAY_ACTIVE.labels(relay=name)
+
+    def published(self, count: int) -> None:
+        self._published.inc(count)
+
+    def confirmed(self, count: int, seconds: float, unroutable: int) -> None:
+        """A window the broker confirmed: its size, how long it took, how many were returned."""
+        self._confirmed.inc(count)
+        self._confirm_seconds.observe(seconds)
+        if unroutable:
+            self._unroutable.inc(unroutable)
+
+    def lag(self, positions_behind: int) -> None:
+        self._lag.set(positions_behind)
+
+    def active(self, active: bool) -> None:
+        self._active.set(1 if active else 0)
+
+
+class _InFlight(Protocol):
+    @property
+    def in_flight(self) -> int: ...
+
+
+def track_in_flight(service: str, source: _InFlight) -> None:
+    """Report ``source.in_flight`` as ``eventbus_messages_in_flight``, read at each scrape."""
+    ref = weakref.ref(source)
+
+    def read() -> float:
+        current = ref()
+        return float(current.in_flight) if current is not None else 0.0
+
+    IN_FLIGHT.labels(service=service).set_function(read)
+
+
+def store_head(conn: Connection) -> int:
+    """The position the store's last event has or will have once numbered.
+
+    Counts the committed events still waiting for a position (PostgreSQL numbers them after
+    commit; the relay does it), so that a stopped relay shows as lag instead of hiding it.
+    """
+    numbered = sa.select(sa.func.coalesce(sa.func.max(T.c.position), 0)).scalar_subquery()
+    waiting = (
+        sa.select(sa.func.count()).select_from(T).where(T.c.position.is_(None)).scalar_subquery()
+    )
+    return int(conn.execute(sa.select(numbered + waiting)).scalar_one())
+
+
+def subscriber_lag(conn: Connection, queues: Iterable[str]) -> dict[str, int]:
+    """Positions each subscriber is behind the head (the head itself before its first event)."""
+    head = store_head(conn)
+    return {q: max(0, head - (p or 0)) for q, p in positions(conn, queues).items()}
+
+
+@dataclass
+class MetricsServer:
+    """The HTTP endpoint started by ``serve_metrics``; ``close()`` stops it."""
+
+    host: str
+    port: int
+    _server: Any
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def serve_metrics(port: int, host: str = "0.0.0.0") -> MetricsServer:
+    """Serve this process's metrics at ``http://host:port/metrics`` from a daemon thread.
+
+    ``port=0`` picks a free port (``.port`` says which). Raises ``OSError`` when the port is
+    taken.
+    """
+    server, _thread = start_http_server(port, addr=host)
+    return MetricsServer(host, int(server.server_address[1]), server)
