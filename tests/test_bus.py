@@ -566,7 +566,7 @@ def test_an_effect_that_fails_at_commit_is_pinned_on_its_event(pg_url: str, brok
 
 def test_acks_never_cover_a_message_still_in_flight() -> None:
     """``multiple`` acks stop below the oldest unsettled delivery; later ones go one by one."""
-    from eventbus.run.worker import _Acks
+    from eventbus.bus.runtime import Acks as _Acks
 
     class Recorder:  # stands in for the channel: records the acks sent
         def __init__(self) -> None:
@@ -617,7 +617,7 @@ def test_workers_starting_together_record_their_bindings_without_colliding(
     def second() -> None:
         try:
             with pg_store.engine.begin() as db:
-                second_worker._record_bindings(db, handler, {"user.#"}, None)
+                second_worker._topology._record_bindings(db, handler, {"user.#"}, None)
         except BaseException as exc:
             errors.append(exc)
 
@@ -634,7 +634,7 @@ def test_workers_starting_together_record_their_bindings_without_colliding(
 
     with pg_store.engine.connect() as db:
         transaction = db.begin()
-        first_worker._record_bindings(db, handler, {"user.#"}, None)
+        first_worker._topology._record_bindings(db, handler, {"user.#"}, None)
         thread = threading.Thread(target=second)
         thread.start()
         wait_for(second_is_waiting_for_a_lock, 60, "the second worker to wait for the first")

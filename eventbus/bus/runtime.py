@@ -86,6 +86,11 @@ def as_bytes(body: Any) -> bytes:
     return body if isinstance(body, bytes) else str(body).encode()
 
 
+def int_or(value: Any, default: int) -> int:
+    """``value`` if it is an integer (not a bool), else ``default`` (headers are anyone's)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
 def truncate(message: str, limit: int = 1000) -> str:
     """``message``, cut to ``limit`` characters (headers must fit in a frame)."""
     return message if len(message) <= limit else message[: limit - 1] + "…"

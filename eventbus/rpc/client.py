@@ -20,7 +20,7 @@ import amqp
 import kombu
 import structlog
 
-from eventbus.bus.runtime import connect
+from eventbus.bus.runtime import as_bytes, broker_errors, connect, text
 from eventbus.bus.wire import Message, decode, encode, is_amqp
 from eventbus.errors import MalformedMessage, NoResponder, RemoteError, RequestError, RequestTimeout
 from eventbus.events.codec import loads
@@ -30,9 +30,6 @@ from eventbus.rpc.responders import (
     DIRECT_REPLY_TO,
     ERROR_TYPE,
     RESPONDER_HEADER,
-    _bytes,
-    _connection_errors,
-    _text,
     _virtual_queue_exists,
 )
 
@@ -162,16 +159,16 @@ class _Line:
 
     def _on_amqp_reply(self, msg: Any) -> None:
         props = msg.properties
-        self._received((_bytes(msg.body), props, props.get("application_headers") or {}))
+        self._received((as_bytes(msg.body), props, props.get("application_headers") or {}))
 
     def _on_kombu_reply(self, message: Any) -> None:
         props = dict(message.properties or {})
         props["content_type"] = message.content_type or props.get("content_type")
-        self._received((_bytes(message.body), props, message.headers or {}))
+        self._received((as_bytes(message.body), props, message.headers or {}))
 
     def _received(self, reply: Message) -> None:
         _body, props, headers = reply
-        correlation_id = _text(props.get("correlation_id"))
+        correlation_id = text(props.get("correlation_id"))
         call = self.current
         if call is not None and call.reply is None and correlation_id == call.correlation_id:
             call.reply = reply
@@ -179,8 +176,8 @@ class _Line:
         log.info(
             "reply.dropped",
             correlation_id=correlation_id,
-            reply_type=_text(props.get("type")),
-            responder=_text(headers.get(RESPONDER_HEADER)),
+            reply_type=text(props.get("type")),
+            responder=text(headers.get(RESPONDER_HEADER)),
             reason="no call waits for it (its caller timed out, or it is a duplicate)",
         )
 
@@ -202,7 +199,7 @@ class _Line:
 
     def _on_return(self, _exc: Exception, _exchange: str, _key: str, message: Any) -> None:
         call = self.current
-        if call is not None and _text(message.properties.get("correlation_id")) == (
+        if call is not None and text(message.properties.get("correlation_id")) == (
             call.correlation_id
         ):
             call.returned = True
@@ -265,7 +262,7 @@ class RequestClient:
         try:
             call = line.send(request, timeout)
             line.wait(call, started + timeout)
-        except _connection_errors() as exc:
+        except broker_errors() as exc:
             self._drop(line)
             bound.warning("request.connection_lost", error=redact(f"{type(exc).__name__}: {exc}"))
             raise RequestError(
@@ -295,12 +292,12 @@ class RequestClient:
             try:
                 line.poll()
                 return line
-            except _connection_errors() as exc:
+            except broker_errors() as exc:
                 log.info("request.reconnecting", error=redact(f"{type(exc).__name__}: {exc}"))
                 self._drop(line)
         try:
             line = _Line(self.broker_url, self.connect_timeout)
-        except _connection_errors() as exc:
+        except broker_errors() as exc:
             raise RequestError(
                 type_name,
                 f"{type_name!r} was not sent: cannot connect to the broker at "
@@ -321,9 +318,9 @@ class RequestClient:
 def _reply(type_name: str, reply: Message, bound: Any, started: float) -> Event:
     """The reply event, or the ``RemoteError`` an error reply stands for."""
     body, props, headers = reply
-    responder = _text(headers.get(RESPONDER_HEADER)) or "(unnamed)"
+    responder = text(headers.get(RESPONDER_HEADER)) or "(unnamed)"
     bound = bound.bind(responder=responder)
-    if _text(props.get("type")) == ERROR_TYPE:
+    if text(props.get("type")) == ERROR_TYPE:
         try:
             data = loads(body)
             error_type, message = str(data["error"]), str(data.get("message", ""))

@@ -40,32 +40,27 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
-import functools
 import inspect
 import os
 import queue as queues
-import random
 import re
-import signal
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import amqp
 import amqp.exceptions
 import kombu
-import kombu.exceptions
 import structlog
 
-from eventbus.bus.runtime import connect, wait_for_frames
+from eventbus.bus.runtime import Delivery, Runtime, consume, text, truncate
 from eventbus.bus.wire import CONTENT_TYPE, Message, Publisher, decode, encode, is_amqp
 from eventbus.errors import (
     BusError,
     HandlerDefinitionError,
     MalformedMessage,
-    PublishError,
 )
 from eventbus.events.codec import dumps
 from eventbus.events.model import Event
@@ -192,36 +187,29 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 # -- responding ------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(slots=True)
-class _Delivery:
-    body: bytes
-    properties: dict[str, Any]
-    headers: dict[str, Any]
-    redelivered: bool
-    ack: Callable[[], None]
-    reject: Callable[[bool], None]  # reject(requeue)
-
-
 @dataclasses.dataclass
 class _Job:
     generation: int
     answer: _Answer
-    delivery: _Delivery
+    delivery: Delivery
     reply_to: str | None = None
     correlation_id: str | None = None  # the caller's, copied onto the reply
     reply: Message | None = None
     requeue: bool = False  # stopping: not started, back to the queue
 
 
-class ResponderRunner:
+class ResponderRunner(Runtime):
     """Consumes the request queues of one ``Responders`` group and sends the replies.
 
-    One thread owns the broker connection (declares the queues, receives requests, publishes
-    replies, acks, keeps heartbeats flowing); ``concurrency`` handler threads run the answering
-    functions. Each queue's prefetch is ``concurrency``, so requests wait in the broker, where an
-    idle competing responder can take them, rather than here. A lost connection is
-    re-established with backoff; requests in flight on it are redelivered by the broker.
+    Built on the connection runtime (``eventbus.bus.runtime``): one thread owns the broker
+    connection (declares the queues, receives requests, publishes replies, acks, keeps
+    heartbeats flowing); ``concurrency`` handler threads run the answering functions. Each
+    queue's prefetch is ``concurrency``, so requests wait in the broker, where an idle competing
+    responder can take them, rather than here. Requests in flight on a lost connection are
+    redelivered by the broker.
     """
+
+    kind = "responder"
 
     def __init__(
         self,
@@ -236,96 +224,27 @@ class ResponderRunner:
             raise ValueError(f"responders {responders.name!r} answer no requests")
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        super().__init__(
+            broker_url,
+            heartbeat=heartbeat,
+            max_backoff=max_backoff,
+            log=log.bind(responders=responders.name, pid=os.getpid()),
+        )
         self.responders = responders
-        self.broker_url = broker_url
         self.concurrency = concurrency
-        self.heartbeat = heartbeat
-        self.max_backoff = max_backoff
         self.counts = {"answered": 0, "failed": 0}  # failed: error replies sent
-        self.ready = threading.Event()  # set while consuming
-        self.error: BaseException | None = None  # why run() gave up, if it did
-        self._stop = threading.Event()
-        self._generation = 0
-        self._failures = 0
         self._jobs: queues.Queue[_Job | None] = queues.Queue()
         self._done: queues.Queue[_Job] = queues.Queue()
-        self._in_flight = 0
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._wake_r = self._wake_w = -1
-        self._log = log.bind(responders=responders.name, pid=os.getpid())
 
-    def run(self, *, install_signal_handlers: bool = True) -> None:
-        """Answer until stopped; SIGTERM/SIGINT stop it gracefully when run in the main thread.
-
-        Stopping cancels consumption, lets the requests in flight finish and be answered and
-        acked, and puts the ones not started back in the queue.
-        """
-        if install_signal_handlers and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda signum, _frame: self._on_signal(signum))
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        threads = [
-            threading.Thread(target=self._handle_loop, name=f"eventbus-responder-{i}", daemon=True)
-            for i in range(self.concurrency)
-        ]
-        for t in threads:
-            t.start()
-        self._log.info(
-            "responder.started",
-            broker=redact(self.broker_url),
-            queues=sorted(self.responders.handlers),
-            concurrency=self.concurrency,
-        )
-        try:
-            while not self._stop.is_set():
-                try:
-                    self._serve()
-                except _connection_errors() as exc:
-                    self.ready.clear()
-                    self._failures += 1
-                    with self._lock:
-                        self._generation += 1  # replies for the lost channel are dropped
-                    delay = min(self.max_backoff, 0.1 * 2 ** min(self._failures, 10))
-                    delay *= random.uniform(0.5, 1.0)
-                    self._log.warning(
-                        "responder.reconnecting",
-                        error=redact(f"{type(exc).__name__}: {exc}"),
-                        attempt=self._failures,
-                        retry_in=round(delay, 2),
-                    )
-                    self._stop.wait(delay)
-        except BaseException as exc:
-            self.error = exc
-            self._log.error("responder.failed", error=redact(f"{type(exc).__name__}: {exc}"))
-            raise
-        finally:
-            self.ready.clear()
-            for _ in threads:
-                self._jobs.put(None)
-            for t in threads:
-                t.join(timeout=60)
-            pipe = (self._wake_r, self._wake_w)
-            self._wake_r = self._wake_w = -1
-            for fd in pipe:
-                os.close(fd)
-            self._log.info("responder.stopped", **self.counts)
-
-    def start(self, *, timeout: float = 30.0) -> ResponderRunner:
+    def start(self, *, timeout: float = 30.0) -> Self:
         """Run in a daemon thread of this process; return once it consumes its queues.
 
         Raises ``BusError`` if it gave up (the cause is chained) or does not consume within
         ``timeout`` seconds (it is stopped then), so that calls made next find its queues.
         """
-        self._stop.clear()
-        self.error = None
-        thread = self._thread = threading.Thread(
-            target=self._run_in_thread, name=f"eventbus-responders-{self.responders.name}"
-        )
-        thread.daemon = True
-        thread.start()
+        super().start()
+        thread = self._thread
+        assert thread is not None
         deadline = time.monotonic() + timeout
         while not self.ready.wait(0.02):
             if not thread.is_alive():
@@ -340,32 +259,27 @@ class ResponderRunner:
                 )
         return self
 
-    def _run_in_thread(self) -> None:
-        with contextlib.suppress(Exception):  # recorded in self.error and logged by run()
-            self.run(install_signal_handlers=False)
+    # -- the runtime's hooks -----------------------------------------------------------------
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking requests, answer and ack the ones in flight, disconnect."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def _threads(self) -> list[threading.Thread]:
+        return [
+            threading.Thread(target=self._handle_loop, name=f"eventbus-responder-{i}", daemon=True)
+            for i in range(self.concurrency)
+        ]
 
-    def _on_signal(self, signum: int) -> None:
-        self._log.info("responder.stopping", signal=signal.Signals(signum).name)
-        self._stop.set()
+    def _end_threads(self) -> None:
+        for _ in range(self.concurrency):
+            self._jobs.put(None)
 
-    # -- the connection's thread -------------------------------------------------------------
+    def _describe(self) -> dict[str, Any]:
+        return {"queues": sorted(self.responders.handlers), "concurrency": self.concurrency}
+
+    def _summary(self) -> dict[str, Any]:
+        return dict(self.counts)
 
     def _serve(self) -> None:
-        conn = connect(
-            self.broker_url,
-            heartbeat=self.heartbeat,
-            transport_options={"polling_interval": 0.005},
-        )
-        with conn:
-            with self._lock:
-                generation = self._generation
+        with self._connect() as conn:
+            generation = self._current_generation()
             channel = conn.channel()
             for answer in self.responders.handlers.values():
                 try:
@@ -382,73 +296,29 @@ class ResponderRunner:
             publisher = Publisher(conn, "")  # replies, confirmed
             sock = conn.connection.sock if is_amqp(conn) else None
             cancels = [
-                self._consume(channel, answer, generation, raw=sock is not None)
+                consume(channel, answer.queue, self._taker(generation, answer), raw=bool(sock))
                 for answer in self.responders.handlers.values()
             ]
-            self.ready.set()
-            self._failures = 0
-            self._log.info("responder.consuming", generation=generation)
-            cancelled = False
-            while True:
-                if self._stop.is_set() and not cancelled:
-                    for cancel in cancels:
-                        cancel()
-                    cancelled = True
-                    self._log.info("responder.draining", in_flight=self._in_flight)
-                self._settle(publisher, generation)
-                if cancelled and self._in_flight == 0:
-                    return
-                self._wait(conn, sock)
-                conn.heartbeat_check()
+            self._consuming(generation=generation)
 
-    def _consume(
-        self, channel: Any, answer: _Answer, generation: int, *, raw: bool
-    ) -> Callable[[], None]:
-        def take(delivery: _Delivery) -> None:
+            def stop_taking() -> None:
+                for cancel in cancels:
+                    cancel()
+
+            self._drain(
+                conn,
+                sock,
+                stop_taking=stop_taking,
+                settle=lambda: self._settle(publisher, generation),
+            )
+
+    def _taker(self, generation: int, answer: _Answer) -> Callable[[Delivery], None]:
+        def take(delivery: Delivery) -> None:
             with self._lock:
                 self._in_flight += 1
             self._jobs.put(_Job(generation, answer, delivery))
 
-        if raw:  # py-amqp's channel on RabbitMQ
-
-            def on_amqp(msg: Any) -> None:
-                props, tag = msg.properties, msg.delivery_tag
-                take(
-                    _Delivery(
-                        body=_bytes(msg.body),
-                        properties=props,
-                        headers=props.get("application_headers") or {},
-                        redelivered=bool(msg.delivery_info.get("redelivered")),
-                        ack=lambda: channel.basic_ack(tag),
-                        reject=lambda requeue: channel.basic_reject(tag, requeue),
-                    )
-                )
-
-            consumer_tag = channel.basic_consume(answer.queue, callback=on_amqp, no_ack=False)
-            return lambda: channel.basic_cancel(consumer_tag)
-
-        def on_kombu(message: Any) -> None:
-            props = dict(message.properties or {})
-            props["content_type"] = message.content_type or props.get("content_type")
-            take(
-                _Delivery(
-                    body=_bytes(message.body),
-                    properties=props,
-                    headers=message.headers or {},
-                    redelivered=bool((message.delivery_info or {}).get("redelivered")),
-                    ack=message.ack,
-                    reject=lambda requeue: message.reject(requeue=requeue),
-                )
-            )
-
-        consumer = kombu.Consumer(
-            channel,
-            queues=[kombu.Queue(answer.queue, channel=channel, no_declare=True)],
-            on_message=on_kombu,
-            no_ack=False,
-        )
-        consumer.consume()
-        return consumer.cancel  # type: ignore[no-any-return]
+        return take
 
     def _settle(self, publisher: Publisher, generation: int) -> None:
         """Publish the finished replies (one confirm window), then ack their requests."""
@@ -505,18 +375,12 @@ class ResponderRunner:
             reason=reason,
         )
 
-    def _wait(self, conn: kombu.Connection, sock: Any) -> None:
-        """Receive from the broker, or return as soon as a handler thread finished a request."""
-        wait_for_frames(conn, sock, self._wake_r, bool(self._in_flight))
-
     def _handle_loop(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            with self._lock:
-                current = self._generation
-            if job.generation == current:
+            if job.generation == self._current_generation():
                 if self._stop.is_set():
                     job.requeue = True
                 else:
@@ -526,15 +390,14 @@ class ResponderRunner:
                         self._log.exception("responder.bug", error=f"{type(exc).__name__}: {exc}")
                         job.reply = _error_reply(job, type(exc).__name__, str(exc))
             self._done.put(job)
-            with contextlib.suppress(BlockingIOError, OSError):  # a full pipe wakes it too
-                os.write(self._wake_w, b"!")
+            self._wake()
 
     def _answer(self, job: _Job) -> None:
         """Decode, run the function, and leave the reply (or error reply) on the job."""
         delivery, answer = job.delivery, job.answer
         props = delivery.properties
-        job.reply_to = _text(props.get("reply_to"))
-        correlation_id = _text(props.get("correlation_id")) or _text(props.get("message_id"))
+        job.reply_to = text(props.get("reply_to"))
+        correlation_id = text(props.get("correlation_id")) or text(props.get("message_id"))
         job.correlation_id = correlation_id
         context = {
             "request_type": answer.queue,
@@ -601,7 +464,7 @@ def _error_reply(job: _Job, error_type: str, message: str) -> Message:
     }
     if job.correlation_id:
         properties["correlation_id"] = job.correlation_id
-    body = dumps({"error": error_type, "message": _truncate(message)})
+    body = dumps({"error": error_type, "message": truncate(message, 2000)})
     return body, properties, {RESPONDER_HEADER: job.answer.responder}
 
 
@@ -619,30 +482,3 @@ def _virtual_queue_exists(channel: Any, name: str) -> bool:
         return bool(channel._has_queue(name))
     except Exception:
         return True
-
-
-@functools.cache
-def _connection_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean the broker connection is unusable: reconnect."""
-    conn = kombu.Connection("amqp://")
-    return (
-        *conn.connection_errors,
-        *conn.channel_errors,
-        OSError,
-        PublishError,
-        kombu.exceptions.OperationalError,
-    )
-
-
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def _bytes(body: Any) -> bytes:
-    return body if isinstance(body, bytes) else str(body).encode()
-
-
-def _truncate(text: str, limit: int = 2000) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
