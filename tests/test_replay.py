@@ -23,7 +23,7 @@ from eventbus.errors import BusError, ReplayStopped
 from eventbus.events.model import Event
 from eventbus.run.worker import running
 from eventbus.store.tables import checkpoints, failures
-from eventbus.subscribe.replay import apply_through, catch_up
+from eventbus.subscribe.feed import apply_through, catch_up
 from eventbus.subscribe.subscriptions import Context
 from tests.conftest import Broker, wait_for
 from tests.events_fixtures import Counted, ImageUploaded, UserLoggedIn
@@ -228,6 +228,31 @@ def test_a_failing_event_stops_the_replay_at_its_position_and_a_rerun_resumes(
     broken["on"] = False  # the handler is fixed
     report = replay(store, handler)
     assert report.applied == 18
+    assert_once_in_order(store, applied, stored)
+
+
+def test_a_failing_event_stops_a_service_handlers_replay_and_a_rerun_runs_it_once(
+    store: EventStore, applied: sa.Table
+) -> None:
+    stored = fill(store)
+    bad = stored[7]
+    broken = {"on": True}
+    svc = Service(f"svc-{uuid.uuid4().hex[:8]}")
+
+    @svc.handles(UserLoggedIn)
+    def remember(event: Event, ctx: Context) -> None:
+        if broken["on"] and event.event_id == bad.event_id:
+            raise ValueError(f"cannot apply {event.event_id}")
+        record(applied, event, ctx)
+
+    handler = svc.handlers["remember"]
+    with pytest.raises(ReplayStopped) as stop:
+        replay(store, handler)
+    assert stop.value.event.event_id == bad.event_id
+    assert "ValueError: cannot apply" in str(stop.value)
+    assert bad.event_id not in {uuid.UUID(r.event_id) for r in rows(store, applied)}
+    broken["on"] = False
+    replay(store, handler)
     assert_once_in_order(store, applied, stored)
 
 

@@ -1,13 +1,11 @@
 """Make py-amqp survive message properties it cannot decode.
 
-py-amqp decodes a delivery's properties while reading frames: a short string that is not UTF-8
-(``type``, ``message_id``, ...) or a header timestamp out of ``datetime``'s range raises inside
-``drain_events``, which would tear down the worker's connection and, since the broker redelivers
-the unacked message, do so forever. The wrapper installed here catches those errors and gives the
-message a single header, ``x-eventbus-undecodable``, with the reason (and the raw property bytes
-in hex, truncated); ``eventbus.wire.decode`` turns that into ``MalformedMessage``, so the message
-is dead-lettered with its body like any other garbage. Properties py-amqp can decode are left
-untouched.
+Instead of raising inside ``drain_events`` (tearing the connection down again on every
+redelivery), a message with an undecodable property gets one header, ``x-eventbus-undecodable``,
+with the reason; ``eventbus.bus.wire.decode`` turns it into ``MalformedMessage``, so the message
+is dead-lettered. Properties py-amqp can decode are left untouched.
+
+Details: ``docs/wire.md``.
 """
 
 from __future__ import annotations

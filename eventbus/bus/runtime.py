@@ -1,14 +1,11 @@
 """The connection runtime that workers and responders share, and connecting to the broker.
 
-One thread owns the broker connection: it receives messages, sends acks, retries and replies,
-and keeps AMQP heartbeats flowing; handler threads do the work and wake it through a pipe when
-they finish, so results are acked at once. A lost connection is re-established with capped,
-jittered exponential backoff, which starts over once a connection consumes again (``Backoff``,
-the relay's too); work in flight on the old connection is not acked, and the broker redelivers
-it. SIGTERM/SIGINT stop consumption, let in-flight messages finish and be settled, and return.
+One thread owns the broker connection (receives, acks, retries, replies, heartbeats); handler
+threads do the work and wake it through a pipe, so results are acked at once. A lost connection
+is re-established with capped, jittered backoff; unacked work is redelivered by the broker.
+SIGTERM/SIGINT stop consumption and let in-flight messages finish and be settled.
 
-``connect`` tries every node of a ``;``-separated cluster URL once, in order (kombu's own
-``connect()`` tries at most two): ``docs/scale-out.md``.
+Details: ``docs/wire.md``; cluster URLs (``connect``): ``docs/scale-out.md``.
 """
 
 from __future__ import annotations

@@ -1,23 +1,11 @@
 """Events as plain AMQP messages and back, and publishing them with confirms per window.
 
-An event travels as a message any AMQP client can read and write (documented in the README):
+An event travels as a persistent JSON message any AMQP client can read and write; ``decode``
+turns a message back into an event or raises ``MalformedMessage`` with the reason.
+``Publisher`` awaits the broker's confirms once per window: a nack, a channel error or a timeout
+fails the whole window, which the caller publishes again (duplicates are dropped by event id).
 
-- body: the payload as UTF-8 JSON;
-- properties: ``message_id`` = event id, ``type`` = event type, ``timestamp`` = occurred_at
-  (whole seconds, as AMQP allows), ``correlation_id``, ``content_type`` ``application/json``,
-  ``content_encoding`` ``utf-8``, ``delivery_mode`` 2 (persistent);
-- headers: ``schema_version``, ``occurred_at`` (ISO 8601, microseconds, UTC), ``causation_id``,
-  ``stream_id``, ``stream_version``, ``position`` (those the event has).
-
-``decode`` turns a received message back into an event, or raises ``MalformedMessage`` with the
-reason (not JSON, unknown type, invalid fields, unsupported version, missing envelope).
-
-``Publisher`` sends a window of persistent, ``mandatory`` messages on py-amqp's channel and then
-waits for the broker's confirms (about one round trip a window, where kombu's ``confirm_publish``
-waits once per message); a nack, a channel error or a timeout fails the whole window, and the
-caller publishes it again (subscribers drop duplicates by event id). Virtual transports have no
-confirms: a publish is complete when the call returns, and unroutable messages are found by
-looking the routing key up in the exchange's bindings, as RabbitMQ does for ``mandatory``.
+Details: ``docs/wire.md``.
 """
 
 from __future__ import annotations
@@ -59,40 +47,22 @@ PROPERTIES = (
 
 def encode(event: Event) -> Message:
     """``(body, properties, headers)`` for publishing ``event``."""
-    return encode_record(
-        dumps(encode_payload(event)),
-        type_name=event.type,
-        schema_version=event.schema_version,
-        event_id=event.event_id,
-        occurred_at=event.occurred_at,
-        correlation_id=event.correlation_id,
-        causation_id=event.causation_id,
-        stream_id=event.stream_id,
-        stream_version=event.stream_version,
-        position=event.position,
-    )
+    return encode_record(dumps(encode_payload(event)), event)
 
 
-def encode_record(
-    body: bytes,
-    *,
-    type_name: str,
-    schema_version: int,
-    event_id: uuid.UUID,
-    occurred_at: dt.datetime,
-    correlation_id: str | None,
-    causation_id: str | None,
-    stream_id: str | None,
-    stream_version: int | None,
-    position: int | None,
-) -> Message:
-    """``(body, properties, headers)`` for a stored event whose payload is JSON already.
+def encode_record(body: bytes, envelope: Any) -> Message:
+    """``(body, properties, headers)`` for an event whose payload is JSON ``body`` already.
 
-    The relay publishes stored rows this way: they were validated when appended.
+    ``envelope`` is an ``Event`` or a stored row (the relay publishes rows as stored: they were
+    validated when appended): anything with the envelope's attributes (``type``,
+    ``schema_version``, ``event_id``, ``occurred_at``, ``correlation_id``, ``causation_id``,
+    ``stream_id``, ``stream_version``, ``position``).
     """
+    event_id, occurred_at = envelope.event_id, envelope.occurred_at
+    correlation_id = envelope.correlation_id
     properties: dict[str, Any] = {
         "message_id": str(event_id),
-        "type": type_name,
+        "type": envelope.type,
         "timestamp": int(occurred_at.timestamp()),
         "correlation_id": correlation_id or str(event_id),
         "content_type": CONTENT_TYPE,
@@ -100,15 +70,11 @@ def encode_record(
         "delivery_mode": 2,
     }
     headers: dict[str, Any] = {
-        "schema_version": schema_version,
+        "schema_version": envelope.schema_version,
         "occurred_at": occurred_at.isoformat(timespec="microseconds"),
     }
-    for name, value in (
-        ("causation_id", causation_id),
-        ("stream_id", stream_id),
-        ("stream_version", stream_version),
-        ("position", position),
-    ):
+    for name in ("causation_id", "stream_id", "stream_version", "position"):
+        value = getattr(envelope, name)
         if value is not None:
             headers[name] = value
     return body, properties, headers

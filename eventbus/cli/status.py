@@ -40,7 +40,6 @@ def open_store(database_url: str | None, command: str) -> Any:
     import sqlalchemy as sa
 
     from eventbus.store.store import EventStore
-    from eventbus.store.tables import events
 
     url = Settings.from_env(database_url=database_url).database_url
     path = sa.make_url(url).database if url.startswith("sqlite") else None
@@ -53,8 +52,7 @@ def open_store(database_url: str | None, command: str) -> Any:
         sys.exit(1)
     store = EventStore(url)
     try:
-        with store.reader() as conn:
-            conn.execute(sa.select(events.c.position).limit(1))
+        store.head(sequence=False)
     except Exception as exc:
         store.close()
         hint = " (has 'eventbus db upgrade' run on it?)" if "eventbus_" in str(exc) else ""

@@ -1,15 +1,11 @@
 """A fast path in front of marshmallow's ``Schema.load`` for the events that need no more.
 
-Decoding an event validates its payload. marshmallow's general machinery costs ~100 us for a
-~1 KB payload with a list in it, most of a replay's time. For fields of the plain kinds events
-are made of (``String``, ``Integer``, ``Float``, ``Boolean``, ``DateTime``/``AwareDateTime``/
-``Date`` in ISO format, ``UUID``, ``Raw``, ``List`` and ``Dict`` of those, with their
-validators), ``compile_loader`` builds a function that checks and converts a payload the way
-those fields do, and returns exactly what ``Schema.load`` would, or None: then the caller runs
-``Schema.load`` itself. The fast path only ever accepts a subset of what marshmallow accepts
-(exact JSON types, the same parsing functions), so anything unusual, and every invalid payload,
-goes through marshmallow and gets its error messages. A schema with any other kind of field is
-never compiled.
+marshmallow's general machinery is most of a replay's time. For plain field kinds,
+``compile_loader`` builds a function that returns exactly what ``Schema.load`` would, or None
+(then the caller runs ``Schema.load``). It accepts only a subset of what marshmallow accepts, so
+anything unusual, and every invalid payload, gets marshmallow's error messages.
+
+Details: ``docs/events.md``.
 """
 
 from __future__ import annotations

@@ -1,24 +1,10 @@
 """Events: schema-defined, immutable, versioned facts (the codec: ``eventbus.events.codec``).
 
-An event type is a subclass of ``Event`` whose fields are declared with marshmallow, either as
-type annotations (a plain ``str``/``int``/``datetime``/... infers the field) or explicitly as
-``Annotated[T, fields.X(...)]``::
+Constructing an event validates it (``EventValidationError`` otherwise), so no invalid event
+exists; instances are immutable and carry the envelope; type names are stable and unique; older
+schema versions are upcast before validation. Encoding is JSON, never pickle.
 
-    class NewImage(Event, type="image.new", version=2):
-        user_id: str
-        path: Annotated[str, fields.Str(validate=validate.Length(min=1))]
-        width: int = 0                      # a default makes a field optional
-
-Guarantees:
-- constructing an event validates it; an invalid one raises ``EventValidationError`` naming the
-  event and every bad field, so no invalid event exists in memory, in the store or on the wire;
-- instances are immutable; every one carries the envelope (``event_id``, ``occurred_at`` in UTC,
-  ``correlation_id``, ``causation_id``, and once stored ``stream_id``, ``stream_version``,
-  ``position``);
-- the type name is stable (not the Python path) and unique: a second class claiming a taken name
-  fails when it is defined;
-- a payload of an older ``schema_version`` is upcast through registered functions before it is
-  validated, so code only ever sees the current shape. Encoding is JSON, never pickle.
+Details: ``docs/events.md``.
 """
 
 from __future__ import annotations

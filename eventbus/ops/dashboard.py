@@ -1,20 +1,10 @@
 """``eventbus dashboard``: one web page to watch the bus and retry dead letters, and its JSON API.
 
-A standard-library HTTP server (one thread per request) serves ``dashboard.html`` (inline
-script, no build step, nothing fetched from elsewhere) and the API behind it:
+It binds to 127.0.0.1 by default and has no login: it refuses requests for another ``Host``
+(DNS rebinding), a POST needs the page's ``X-Eventbus-Token`` header (no cross-site forms or
+scripts), and the page shows user data as text only, never markup.
 
-- ``GET /api/status``: what ``eventbus status --json`` prints;
-- ``GET /api/dead-letters/<queue>?limit=N``: the first N dead letters of a known handler queue,
-  left in place (see ``eventbus.deadletters``);
-- ``POST /api/dead-letters/<queue>/retry`` with ``{"ids": [...]}`` (or ``{}`` for all): sends
-  them back to the queue;
-- ``GET /api/events?limit=N``: the last N events of the store, newest first.
-
-It binds to 127.0.0.1 by default and has no login. Requests whose ``Host`` is not the address
-it serves are refused (a web page elsewhere cannot reach it by rebinding a DNS name to
-127.0.0.1), and a POST needs the ``X-Eventbus-Token`` header the page carries: a cross-site form
-or script cannot send it. The page builds its DOM with ``textContent`` only, so event payloads
-and dead-letter headers (user data) are never markup.
+Details: ``docs/operations.md``.
 """
 
 from __future__ import annotations
@@ -30,7 +20,6 @@ import urllib.parse
 from collections.abc import Iterable
 from typing import Any
 
-import sqlalchemy as sa
 import structlog
 
 from eventbus.errors import DeadLetterError
@@ -38,7 +27,6 @@ from eventbus.logging import redact
 from eventbus.ops.deadletters import peek, queues_of, retry
 from eventbus.ops.status import collect, known_queues, to_dict
 from eventbus.store.store import EventStore
-from eventbus.store.tables import events as T
 
 log = structlog.get_logger("eventbus.dashboard")
 
@@ -106,23 +94,7 @@ class Dashboard:
     def events(self, limit: int) -> dict[str, Any]:
         """The last ``limit`` events in the global order, newest first."""
         head = self.store.head()
-        query = (
-            sa.select(
-                T.c.position,
-                T.c.event_id,
-                T.c.type,
-                T.c.stream_id,
-                T.c.stream_version,
-                T.c.occurred_at,
-                T.c.correlation_id,
-                T.c.payload,
-            )
-            .where(T.c.position.is_not(None))
-            .order_by(T.c.position.desc())
-            .limit(min(max(limit, 0), MAX_EVENTS))
-        )
-        with self.store.reader() as conn:
-            rows = conn.execute(query).all()
+        rows = self.store.latest(min(max(limit, 0), MAX_EVENTS))
         return {
             "head": head,
             "events": [

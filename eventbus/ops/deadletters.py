@@ -1,23 +1,11 @@
 """Dead letters: look at them, send them back to their queue, or delete them.
 
-A handler's dead letters wait in ``<queue>.dead`` with the headers the worker gave them
-(``x-dead-reason`` or ``x-exception``/``x-exception-message``/``x-attempts``, ...).
+Nothing here loses or reorders a message: ``peek`` leaves messages unacked, and RabbitMQ puts
+them back; ``retry`` acks the dead copy only once the broker confirmed the republished one;
+``purge`` deletes only the chosen ones. Each operation takes at most the messages the queue held
+when it started.
 
-Nothing here loses or reorders a message:
-- looking (``peek``) takes messages with ``basic.get`` without acking them, on a channel of its
-  own, and closes that channel: RabbitMQ puts them back where they were. Nobody consumes a
-  ``.dead`` queue, so no one else sees them meanwhile (a second operator looking at the same
-  time sees the messages this one holds as gone until the channel closes);
-- ``retry`` republishes the chosen messages to their queue through the default exchange
-  (persistent, publisher confirms, without the headers of their failure so they get fresh
-  attempts) and acks the dead copy only once the broker confirmed the new one. A crash in
-  between leaves both: the handler drops the duplicate by its event id;
-- ``purge`` acks (deletes) the chosen messages; the others go back.
-
-Each operation takes at most the messages the queue held when it started, so messages that are
-dead-lettered again meanwhile (a retried event that fails again) are not taken twice.
-A message is named by its ``message_id`` (the event id), or, when it has none (garbage, or
-AMQP properties that could not be decoded), by ``body-`` and a hash of its body.
+Details: ``docs/operations.md``.
 """
 
 from __future__ import annotations

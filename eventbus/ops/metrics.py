@@ -1,14 +1,11 @@
 """Prometheus metrics of workers and relays, and the HTTP endpoint that serves them.
 
-The metric objects live here, in prometheus_client's default registry; workers and relays call
-the small methods of ``HandlerMetrics`` / ``RelayMetrics``, whose label children are made once
-per handler or relay (a ``labels()`` lookup per event would cost more than the increment).
-Nothing is served until ``serve_metrics(port)`` (``eventbus run|relay --metrics-port``).
+Metrics live in prometheus_client's default registry; label children are made once per handler
+or relay, not per event. Nothing is served until ``serve_metrics(port)``. In steady state
+``failed == retried + dead_lettered{reason="attempts_exhausted"}``; lag counts positions, not
+messages.
 
-Worker counters count what the connection's thread settled, so in steady state
-``failed == retried + dead_lettered{reason="attempts_exhausted"}``. Lag is positions, not
-messages: the store's head (numbered or waiting for a number) minus how far the subscriber got
-(``eventbus.control.positions``; 0 when it processed nothing yet).
+Details: ``docs/operations.md``.
 """
 
 from __future__ import annotations
@@ -18,12 +15,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import sqlalchemy as sa
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from sqlalchemy.engine import Connection
 
 from eventbus.ops.control import positions
-from eventbus.store.tables import events as T
+from eventbus.store.sequencer import head_with_waiting
 from eventbus.subscribe.subscriptions import Handler
 
 _HANDLER = ("service", "queue", "handler")
@@ -207,22 +203,9 @@ def track_in_flight(service: str, source: _InFlight) -> None:
     IN_FLIGHT.labels(service=service).set_function(read)
 
 
-def store_head(conn: Connection) -> int:
-    """The position the store's last event has or will have once numbered.
-
-    Counts the committed events still waiting for a position (PostgreSQL numbers them after
-    commit; the relay does it), so that a stopped relay shows as lag instead of hiding it.
-    """
-    numbered = sa.select(sa.func.coalesce(sa.func.max(T.c.position), 0)).scalar_subquery()
-    waiting = (
-        sa.select(sa.func.count()).select_from(T).where(T.c.position.is_(None)).scalar_subquery()
-    )
-    return int(conn.execute(sa.select(numbered + waiting)).scalar_one())
-
-
 def subscriber_lag(conn: Connection, queues: Iterable[str]) -> dict[str, int]:
     """Positions each subscriber is behind the head (the head itself before its first event)."""
-    head = store_head(conn)
+    head = head_with_waiting(conn)
     return {q: max(0, head - (p or 0)) for q, p in positions(conn, queues).items()}
 
 

@@ -1,20 +1,11 @@
 """How far every handler and relay got, and what waits in their queues (``eventbus status``).
 
-The database knows every queue ever declared (``eventbus_bindings``), every projection's
-checkpoint and every paused queue; the broker knows what the queues hold. For each handler
-queue this module puts together:
+Puts the store's numbers (bindings, checkpoints, pauses, lag) together with RabbitMQ's (exact
+depths over AMQP, unacked messages from the management API). Read-only: nothing is written to
+the broker, and a broker or management API that cannot be reached makes numbers unknown (None),
+never an exception.
 
-- from RabbitMQ over AMQP (a passive ``queue_declare``, exact): messages ready (``depth``),
-  consumers, and the ready messages of ``<queue>.dead``; a queue that does not exist is
-  reported as missing, not declared;
-- from RabbitMQ's management HTTP API (its statistics lag a few seconds): unacked messages;
-  when the API is unreachable they are unknown and a note says why;
-- from the store: ``lag`` = the store's head minus how far the subscriber got
-  (``eventbus.control.positions``), and the paused state with its reason.
-
-Relays: head minus each relay's checkpoint. Nothing here writes to the broker, and a broker or
-management API that cannot be reached makes numbers unknown (None), never an exception.
-On ``memory://`` the queues live inside one process, so only the store's numbers are reported.
+Details: ``docs/operations.md``.
 """
 
 from __future__ import annotations
@@ -167,8 +158,8 @@ def collect(
                 api_reachable = False
                 notes.append(
                     f"unacked n/a: RabbitMQ management API at {redact(api_url)} unreachable "
-                    f"({redact(_describe(exc))}); enable it with "
-                    "'rabbitmq-plugins enable rabbitmq_management' or pass --management-url"
+                    f"({redact(_describe(exc))}); enable it with 'rabbitmq-plugins enable "
+                    "rabbitmq_management', or give its URL (management_url)"
                 )
     handlers = []
     for name, patterns in known.items():

@@ -1,46 +1,18 @@
 """Request/reply: a command or query to one responder, and its answer, over the broker.
 
-Events tell whoever listens what happened, later; a request asks one responder for an answer now::
+Requests and replies are ``Event`` subclasses (JSON, never pickle). No queue for the request:
+``NoResponder`` at once; no reply in time: ``RequestTimeout``; a failure in the responder:
+``RemoteError``. A reply is confirmed before the request is acked, so a request may run more
+than once (the caller keeps the first reply): making commands idempotent is the responder's job.
 
-    billing = Responders("billing")
-
-    @billing.answers(GetInvoice)               # its queue is the request's type name
-    def invoice_total(request: GetInvoice, ctx: RequestContext) -> InvoiceTotal:
-        return InvoiceTotal(amount=...)
-
-    billing.run(broker_url)                    # or: eventbus respond myapp.billing
-
-    client = RequestClient(broker_url)
-    total = client.call(GetInvoice(invoice_id="i-1"), timeout=5.0)
-
-How, and what is promised:
-- requests and replies are ``Event`` subclasses: validated, JSON on the wire in the event wire
-  format plus ``reply_to`` and ``correlation_id`` (the request id), never pickle;
-- a request is published to the default exchange with its type name as routing key, non-persistent,
-  ``mandatory`` and expiring with the caller's timeout. Each request type has one durable queue of
-  that name, declared by its responders, which compete for it. No such queue: the broker returns
-  the request and the caller gets ``NoResponder`` at once. No reply in time: ``RequestTimeout``,
-  saying whether the request reached the queue and how many responders consume from it;
-- the caller receives replies through RabbitMQ's direct reply-to (``amq.rabbitmq.reply-to``: no
-  reply queue to declare or clean up); on kombu's virtual transports (``memory://``) through a
-  private queue per client. Replies whose correlation id no call waits for (late ones) are
-  dropped and logged;
-- a responder runs its functions on handler threads (the connection's thread keeps heartbeats
-  flowing), publishes the reply with a publisher confirm, and only then acks the request. A
-  responder that dies before the ack leaves the request to another one, so a request may run more
-  than once: the caller takes the first reply and drops the rest. Making commands idempotent is
-  the responder's job (``request.event_id`` is the request id, ``ctx.redelivered`` a hint);
-- an invalid request, an exception or a return value that is not an event becomes an error reply;
-  the caller raises ``RemoteError`` naming the request type, the responder and the exception.
+Details and an example: ``docs/rpc.md``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
-import inspect
 import os
 import queue as queues
 import re
@@ -65,7 +37,7 @@ from eventbus.errors import (
 from eventbus.events.codec import dumps
 from eventbus.events.model import Event
 from eventbus.logging import redact
-from eventbus.subscribe.subscriptions import wants_context
+from eventbus.subscribe.subscriptions import resolved, wants_context
 
 __all__ = ["RequestContext", "ResponderRunner", "Responders"]
 
@@ -101,10 +73,9 @@ class _Answer:
         return self.request_class.type
 
     def __call__(self, request: Event, ctx: RequestContext) -> Any:
-        result = self.function(request, ctx) if self.wants_context else self.function(request)
-        if inspect.isawaitable(result):  # ``async def``: run to completion on this thread
-            return _event_loop().run_until_complete(result)
-        return result
+        return resolved(
+            self.function(request, ctx) if self.wants_context else self.function(request)
+        )
 
 
 class Responders:
@@ -172,16 +143,6 @@ def _wants_context(name: str, function: Callable[..., Any]) -> bool:
         f"{name}.{getattr(function, '__name__', function)} must take the request "
         "(and optionally a RequestContext) as arguments",
     )
-
-
-_loops = threading.local()
-
-
-def _event_loop() -> asyncio.AbstractEventLoop:
-    loop: asyncio.AbstractEventLoop | None = getattr(_loops, "loop", None)
-    if loop is None or loop.is_closed():
-        loop = _loops.loop = asyncio.new_event_loop()
-    return loop
 
 
 # -- responding ------------------------------------------------------------------------------

@@ -22,11 +22,28 @@ from eventbus.errors import MalformedMessage
 from eventbus.logging import redact
 from eventbus.run.jobs import Job, Outcome, WorkerBase, attempt_of, log_fields
 from eventbus.subscribe.exactly_once import forget_processed, invoke
-from eventbus.subscribe.replay import Interrupted, apply_through
+from eventbus.subscribe.feed import Interrupted, apply_through
 
 
 class Batches(WorkerBase):
     """The worker's batch execution (on its handler threads)."""
+
+    def _handle_batch_safely(
+        self, batch: list[Job], finish: Callable[[Job], None] | None = None
+    ) -> bool:
+        """``_handle_batch``; False after logging a bug of ours (the caller requeues the jobs),
+        so that no message and no handler thread is lost to it."""
+        try:
+            self._handle_batch(batch, finish)
+        except Exception as exc:
+            self._log.exception(
+                "worker.batch_failed",
+                queues=sorted({j.handler.queue for j in batch}),
+                events=len(batch),
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            return False
+        return True
 
     def _handle_batch(self, batch: list[Job], finish: Callable[[Job], None] | None = None) -> None:
         """Decode, run and record a batch; ``finish`` (default: settle) takes each job."""

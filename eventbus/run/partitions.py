@@ -106,15 +106,7 @@ class Lanes(WorkerBase):
                 if batch:
                     self._wake()
                 continue
-            try:
-                self._handle_batch(work, finish=kept)
-            except Exception as exc:  # a bug of ours: never lose the messages or this thread
-                self._log.exception(
-                    "worker.batch_failed",
-                    queues=sorted({j.handler.queue for j in work}),
-                    events=len(work),
-                    error=f"{type(exc).__name__}: {exc}",
-                )
+            if not self._handle_batch_safely(work, finish=kept):
                 for job in work:
                     job.outcome = Outcome.REQUEUE
             self._after_lane_batch(parked, work)

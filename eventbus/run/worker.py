@@ -1,17 +1,11 @@
 """Workers: consume a service's queues, run its handlers, ack only after their effects committed.
 
-A worker is the connection runtime (``eventbus.bus.runtime``: one thread owns the broker
-connection, handler threads run the handlers, reconnect with backoff, graceful stop) with the
-worker's parts: its topology (``bus.topology``), batches (``run.batch``: record as processed, run,
-commit, then ack), settling (``run.settle``: ack, retry, dead-letter) and the lanes of partitioned
-handlers (``run.partitions``). Here: starting, catch-up before live delivery, and pauses.
+A worker is the connection runtime (``eventbus.bus.runtime``) with its topology, batches
+(``eventbus.run.batch``), settling (``eventbus.run.settle``) and partition lanes
+(``eventbus.run.partitions``). Here: starting, catch-up before live delivery, and pauses, read
+by a watch thread so that a slow database never delays heartbeats.
 
-Pause and resume: a watch thread reads ``eventbus_paused`` every second (and refreshes the lag
-metrics every 5 s); the connection's thread cancels the consumer of a paused queue and consumes
-it again on resume. In-flight messages finish and are acked; prefetched ones not started go
-back to the queue. SIGUSR1 pauses every handler of the process, SIGUSR2 undoes that. Apart from
-one read when it connects, the connection's thread leaves the database to the watch thread, so
-a slow database never delays heartbeats.
+Details: ``docs/operations.md`` (workers and pauses).
 """
 
 from __future__ import annotations
@@ -39,7 +33,7 @@ from eventbus.run.partitions import Consumers, Lanes, Partitions
 from eventbus.run.settle import Settling
 from eventbus.store.store import EventStore
 from eventbus.subscribe.exactly_once import processed_recorder
-from eventbus.subscribe.replay import Interrupted, catch_up
+from eventbus.subscribe.feed import Interrupted, catch_up
 from eventbus.subscribe.subscriptions import Handler, Service
 
 log = structlog.get_logger("eventbus.worker")
@@ -358,22 +352,13 @@ class Worker(Settling, Lanes, Batches):
                     live.append(job)
             if not live:
                 continue
-            try:
-                self._handle_batch(live)
-            except Exception as exc:  # a bug of ours: never lose the messages or this thread
-                self._log.exception(
-                    "worker.batch_failed",
-                    queues=sorted({j.handler.queue for j in live}),
-                    events=len(live),
-                    error=f"{type(exc).__name__}: {exc}",
-                )
+            if not self._handle_batch_safely(live):
                 time.sleep(1.0)
                 for job in live:
                     if not job.finished:
                         job.outcome = Outcome.REQUEUE
                         self._finish(job)
-            finally:
-                self._wake()
+            self._wake()
 
 
 @contextlib.contextmanager

@@ -1,29 +1,11 @@
 """The event store: append with optimistic concurrency, read streams and the global order.
 
-Guarantees:
-- ``append`` is atomic for its batch. A stale ``expected_version`` raises ``ConcurrencyError``
-  and writes nothing. Re-appending a batch whose event ids are all stored is a no-op that returns
-  the stored events (safe retries after an ambiguous failure).
-- ``read_stream`` and ``read_all`` page lazily by keyset (never OFFSET): constant memory.
-- **No reader skips an event.** ``position`` is the gap-free global order, and it is assigned in
-  *commit* order, so a position below one a reader has seen can never appear later:
-
-  * SQLite allows one writer at a time (we begin write transactions with ``BEGIN IMMEDIATE``),
-    so ``append`` assigns ``head + 1 ...`` inside its transaction and commit order = position order.
-  * PostgreSQL lets writers run concurrently, so a sequence value taken by one transaction can
-    become visible after a larger one taken by another (the classic outbox gap). Instead of a
-    table lock, which would serialise every commit and its fsync (~1,500 appends/s however many
-    writers), ``append`` inserts rows with ``position`` NULL and commits; the *sequencer* then
-    numbers committed rows: under a transaction-scoped advisory lock it sets
-    ``position = head + row_number() over (order by id)`` for every visible unnumbered row.
-    Only committed rows are visible to it, so positions follow commits; the lock keeps one
-    sequencer at a time; each run commits its numbers at once, so readers always see a gap-free
-    prefix ``1..head``. Readers run the sequencer when they reach the end of what is numbered
-    (``read_all``, ``head``), so concurrent writers share fsyncs and pay nothing extra.
-    Rows within one run are numbered by insertion order, which keeps each stream's versions in
-    order (a later version is inserted only after the earlier one committed).
-    Consequence: on PostgreSQL the events ``append`` returns have ``position`` None; their
-    position exists once a reader has sequenced them.
+- ``append`` is atomic for its batch; a stale ``expected_version`` raises ``ConcurrencyError``
+  and writes nothing; re-appending stored event ids is a no-op returning the stored events.
+- Reads page lazily by keyset (never OFFSET): constant memory.
+- No reader skips an event: positions follow commit order (``store.sequencer``; why and how:
+  ``docs/architecture.md``, "The global order"). On PostgreSQL the events ``append`` returns
+  have ``position`` None until a reader has numbered them.
 """
 
 from __future__ import annotations
@@ -45,11 +27,11 @@ from eventbus.errors import ConcurrencyError, DuplicateEventError, EventError, S
 from eventbus.events.codec import decode_event, encode_payload, loads
 from eventbus.events.model import Event
 from eventbus.events.topics import topic_matches_any
+from eventbus.store import sequencer
 from eventbus.store.tables import events as T
 
 log = structlog.get_logger("eventbus.store")
 
-_SEQUENCER_LOCK = 0x6576656E74627573  # "eventbus"
 # A writer that lost a race for a stream version re-reads the stream and tries again (with
 # expected_version set, the retry then raises ConcurrencyError at once).
 _RETRIES = 100
@@ -259,27 +241,7 @@ class EventStore:
 
         Readers call this for you; it is public for tools that want positions promptly.
         """
-        if not self._sequenced:
-            return 0
-        with self.engine.begin() as conn:
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_SEQUENCER_LOCK)))
-            count = conn.execute(
-                sa.text(
-                    f"""
-                    WITH head AS (SELECT coalesce(max(position), 0) AS h FROM {T.name}),
-                    pending AS (
-                        SELECT id, row_number() OVER (ORDER BY id) AS rn
-                        FROM {T.name} WHERE position IS NULL ORDER BY id LIMIT :limit
-                    )
-                    UPDATE {T.name} AS e SET position = head.h + pending.rn
-                    FROM pending, head WHERE e.id = pending.id
-                    """
-                ),
-                {"limit": 100_000},
-            ).rowcount
-        if count:
-            log.debug("sequenced", count=count)
-        return int(count)
+        return sequencer.sequence(self.engine)
 
     def head(self, *, sequence: bool = True) -> int:
         """The position of the last event in the global order (0 when the store is empty).
@@ -290,8 +252,12 @@ class EventStore:
         if sequence:
             self.sequence()
         with self.reader() as conn:
-            value = conn.execute(sa.select(sa.func.coalesce(sa.func.max(T.c.position), 0)))
-            return int(value.scalar_one())
+            return sequencer.numbered_head(conn)
+
+    def latest(self, limit: int) -> Sequence[Any]:
+        """The last ``limit`` numbered rows, newest first, payload as stored (for display)."""
+        with self.reader() as conn:
+            return sequencer.latest(conn, limit)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -401,10 +367,7 @@ class EventStore:
 
     def reader(self) -> Connection:
         """A connection for reads: on SQLite it does not take the write lock."""
-        conn = self.engine.connect()
-        if self.engine.dialect.name == "sqlite":
-            conn = conn.execution_options(sqlite_begin="DEFERRED")
-        return conn
+        return sequencer.reader(self.engine)
 
 
 # The payload comes as text, parsed by orjson in _decode: psycopg's jsonb loader took twice

@@ -1,13 +1,10 @@
-"""One event through one handler inside the caller's transaction: the step that live delivery
-(the worker), replay and catch-up share, and the bookkeeping that makes its effect happen once.
+"""One event through one handler inside the caller's transaction, and the bookkeeping that makes
+its effect happen once: the step live delivery (the worker), catch-up and replay share.
 
-- ``record_processed``: a handler's record of the events it processed (insert, on conflict do
-  nothing); the events it returns are the fresh ones, the others are repeats to skip.
-- ``invoke``: run the handler with a ``Context`` whose connection is a savepoint of the caller's
-  transaction; an exception rolls the savepoint back and is returned, not raised.
-- ``lock_checkpoint`` / ``save_checkpoint``: a subscriber's place in the global order, read under
-  a row lock, so that a projection's live worker and a replay of it never apply the same event.
-- ``record_failure``: an event a subscriber gave up on.
+The handler runs in a savepoint: an exception rolls back what it wrote and is returned, not
+raised. Processed records say which events are new to a handler, checkpoints (read under a row
+lock) a subscriber's place in the global order, failure records what it gave up on.
+Details: docs/replay.md
 """
 
 from __future__ import annotations
@@ -85,8 +82,7 @@ def invoke(
         _log_fields=(_FIELDS, values),
     )
     # The same context variables as structlog.contextvars.bind_contextvars(**fields) sets, set
-    # directly: bind/reset_contextvars cost ~1.7 us per key and event, a third of a replay's
-    # per-event overhead.
+    # directly: bind/reset_contextvars per key and event weigh on a replay's per-event overhead.
     variables = _context_variables()
     tokens = [var.set(value) for var, value in zip(variables, values, strict=True)]
     try:
@@ -220,12 +216,7 @@ def read_checkpoint(db: Connection, subscriber: str) -> tuple[int, bool] | None:
 
 def save_checkpoint(db: Connection, subscriber: str, position: int, caught_up: bool) -> None:
     """Set ``subscriber``'s checkpoint (an upsert)."""
-    values = {
-        "subscriber": subscriber,
-        "position": position,
-        "caught_up": caught_up,
-        "updated_at": dt.datetime.now(dt.UTC),
-    }
+    values = _checkpoint_row(subscriber, position, caught_up)
     db.execute(
         dialect_insert(db.dialect.name, CP)
         .values(values)
@@ -238,14 +229,18 @@ def save_checkpoint(db: Connection, subscriber: str, position: int, caught_up: b
 
 def ensure_checkpoint(db: Connection, subscriber: str, position: int, caught_up: bool) -> None:
     """Create ``subscriber``'s checkpoint if it has none (a no-op otherwise)."""
-    values = {
+    values = _checkpoint_row(subscriber, position, caught_up)
+    insert = dialect_insert(db.dialect.name, CP)
+    db.execute(insert.values(values).on_conflict_do_nothing(index_elements=[CP.c.subscriber]))
+
+
+def _checkpoint_row(subscriber: str, position: int, caught_up: bool) -> dict[str, Any]:
+    return {
         "subscriber": subscriber,
         "position": position,
         "caught_up": caught_up,
         "updated_at": dt.datetime.now(dt.UTC),
     }
-    insert = dialect_insert(db.dialect.name, CP)
-    db.execute(insert.values(values).on_conflict_do_nothing(index_elements=[CP.c.subscriber]))
 
 
 def record_failure(db: Connection, subscriber: str, event: Event | Undecodable, error: str) -> None:

@@ -1,22 +1,10 @@
-"""Services and their handlers: what each subscribes to, and the queues that carry it.
+"""Services, projections and their handlers: what each subscribes to, and the queues that carry it.
 
-```python
-resizer = Service("resizer")
-
-@resizer.handles(NewImage)              # or patterns: @resizer.handles("image.*", "user.#")
-def make_thumbnails(event: NewImage, ctx: Context) -> None:
-    ...
-```
-
-Each handler gets its own durable queue ``<service>.<handler>`` bound to the application's topic
-exchange with its patterns (an event class stands for its routing key), a delay queue per retry
-(``<queue>.retry.<ms>``: TTL, then dead-lettered back to the queue) and ``<queue>.dead``.
-A handler takes the event, or the event and a ``Context`` (its database connection, attempt, log);
-it may be ``async def``: the worker runs the coroutine to completion on its handler thread.
-
-``@svc.handles(NewImage, partitions=8)`` asks for each stream's events in order, however many
-workers run: the handler's work is split by stream id into 8 partition queues
-``<queue>.p00`` .. ``<queue>.p07``, each consumed by one worker at a time (docs/partitions.md).
+``@service.handles(NewImage)`` (or topic patterns) gives a handler its own durable queue
+``<service>.<handler>``, with retry and dead-letter queues, and a ``Context`` in the transaction
+that records the event as processed. A ``Projection`` applies its events in the global order
+from one checkpoint; ``partitions=N`` keeps each stream in order across competing workers.
+Details: docs/replay.md, docs/partitions.md
 """
 
 from __future__ import annotations
@@ -172,10 +160,15 @@ class Handler:
         return [c.type for c in self.event_classes] if self.event_classes else None
 
     def __call__(self, event: Event, ctx: Context) -> Any:
-        result = self.function(event, ctx) if self.wants_context else self.function(event)
-        if inspect.isawaitable(result):  # an ``async def`` handler: run it to completion here
-            return _event_loop().run_until_complete(result)
-        return result
+        return resolved(self.function(event, ctx) if self.wants_context else self.function(event))
+
+
+def resolved(result: Any) -> Any:
+    """``result``; an awaitable (what an ``async def`` function returns) run to completion on
+    this thread's event loop first."""
+    if inspect.isawaitable(result):
+        return _event_loop().run_until_complete(result)
+    return result
 
 
 _loops = threading.local()
@@ -245,24 +238,7 @@ class Service:
                 f"{self.name}: partitions must be an integer from 1 to {MAX_PARTITIONS}, "
                 f"not {partitions!r}"
             )
-        if not subscriptions:
-            raise HandlerDefinitionError(
-                f"{self.name}: handles() needs at least one event class or pattern"
-            )
-        classes: list[type[Event]] = []
-        patterns: list[str] = []
-        for item in subscriptions:
-            if isinstance(item, type) and issubclass(item, Event):
-                if not item.type:
-                    raise HandlerDefinitionError(f"{self.name}: {item.__name__} is abstract")
-                classes.append(item)
-                patterns.append(item.routing_key)
-            elif isinstance(item, str):
-                patterns.append(check_pattern(item))
-            else:
-                raise HandlerDefinitionError(
-                    f"{self.name}: handles() takes Event classes or pattern strings, not {item!r}"
-                )
+        patterns, classes = _bindings(self.name, subscriptions)
         attempts = self.max_attempts if max_attempts is None else max_attempts
         delay = self.retry_delay if retry_delay is None else retry_delay
 
@@ -283,9 +259,8 @@ class Service:
                 service=self.name,
                 name=handler_name,
                 function=function,
-                patterns=tuple(dict.fromkeys(patterns)),
-                # Patterns widen a handler to any event: then no class filter applies.
-                event_classes=tuple(classes) if len(classes) == len(subscriptions) else (),
+                patterns=patterns,
+                event_classes=classes,
                 max_attempts=attempts,
                 retry_delay=delay,
                 wants_context=_wants_context(self.name, handler_name, function),
@@ -362,20 +337,7 @@ class Projection(Service):
                 f"projection {self.name}: name, max_attempts and retry_delay are set on the "
                 "Projection itself (one queue, one retry policy)"
             )
-        if not subscriptions:
-            raise HandlerDefinitionError(
-                f"{self.name}: handles() needs at least one event class or pattern"
-            )
-        for item in subscriptions:
-            if isinstance(item, type) and issubclass(item, Event):
-                if not item.type:
-                    raise HandlerDefinitionError(f"{self.name}: {item.__name__} is abstract")
-            elif isinstance(item, str):
-                check_pattern(item)
-            else:
-                raise HandlerDefinitionError(
-                    f"{self.name}: handles() takes Event classes or pattern strings, not {item!r}"
-                )
+        _bindings(self.name, subscriptions)
 
         def register(function: HandlerFunction) -> HandlerFunction:
             wants = _wants_context(self.name, function.__name__, function)
@@ -412,16 +374,14 @@ class Projection(Service):
             connection.execute(table.delete())
 
     def _rebuild(self) -> None:
-        items = [item for item, _, _ in self._routes]
-        classes = [i for i in items if isinstance(i, type)]
-        patterns = [i.routing_key if isinstance(i, type) else i for i in items]
+        patterns, classes = _bindings(self.name, [item for item, _, _ in self._routes])
         self.handlers = {
             self.queue_handler: Handler(
                 service=self.name,
                 name=self.queue_handler,
                 function=self._dispatch,
-                patterns=tuple(dict.fromkeys(patterns)),
-                event_classes=tuple(classes) if len(classes) == len(items) else (),
+                patterns=patterns,
+                event_classes=classes,
                 max_attempts=self.max_attempts,
                 retry_delay=self.retry_delay,
                 wants_context=True,
@@ -440,6 +400,34 @@ class Projection(Service):
             if hit:
                 return function(event, ctx) if wants else function(event)
         return None
+
+
+def _bindings(
+    owner: str, subscriptions: Sequence[type[Event] | str]
+) -> tuple[tuple[str, ...], tuple[type[Event], ...]]:
+    """The patterns to bind (an event class stands for its routing key) and the event classes
+    to accept, of checked ``subscriptions``. A pattern among them widens the subscription to any
+    event it brings: then no class filter applies."""
+    if not subscriptions:
+        raise HandlerDefinitionError(
+            f"{owner}: handles() needs at least one event class or pattern"
+        )
+    classes: list[type[Event]] = []
+    patterns: list[str] = []
+    for item in subscriptions:
+        if isinstance(item, type) and issubclass(item, Event):
+            if not item.type:
+                raise HandlerDefinitionError(f"{owner}: {item.__name__} is abstract")
+            classes.append(item)
+            patterns.append(item.routing_key)
+        elif isinstance(item, str):
+            patterns.append(check_pattern(item))
+        else:
+            raise HandlerDefinitionError(
+                f"{owner}: handles() takes Event classes or pattern strings, not {item!r}"
+            )
+    widened = len(classes) != len(subscriptions)
+    return tuple(dict.fromkeys(patterns)), () if widened else tuple(classes)
 
 
 def _check_retry(owner: str, max_attempts: int, retry_delay: float) -> None:

@@ -1,0 +1,36 @@
+"""``eventbus db upgrade``: create or migrate the event store's tables (alembic)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from eventbus.logging import redact
+from eventbus.settings import Settings
+
+
+@click.group()
+def db() -> None:
+    """Manage the event store's database schema."""
+
+
+@db.command()
+@click.option(
+    "--url",
+    envvar="EVENTBUS_DATABASE_URL",
+    default=None,
+    help="Database URL [env: EVENTBUS_DATABASE_URL; default: sqlite:///eventbus.db].",
+)
+@click.option("--revision", default="head", show_default=True, help="Target alembic revision.")
+def upgrade(url: str | None, revision: str) -> None:
+    """Apply the migrations up to REVISION (creates the store's tables)."""
+    from eventbus.store.migrate import upgrade as run_upgrade
+
+    target = Settings.from_env(database_url=url).database_url
+    try:
+        run_upgrade(target, revision)
+    except Exception as exc:
+        click.echo(f"eventbus db upgrade failed for {redact(target)}: {redact(str(exc))}", err=True)
+        sys.exit(1)
+    click.echo(f"database {redact(target)} is at revision {revision}")

@@ -1,0 +1,64 @@
+"""``eventbus relay``: publish stored events to the topic exchange (the outbox relay)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import click
+
+from eventbus.cli.options import broker_options, metrics_options, serve_metrics
+from eventbus.settings import Settings
+
+
+@click.command()
+@broker_options
+@click.option("--name", default="default", show_default=True, help="Relay name (its checkpoint).")
+@click.option("--window", default=500, show_default=True, help="Messages per confirm window.")
+@click.option("--once", is_flag=True, help="Publish what is stored now, then exit.")
+@metrics_options
+def relay(
+    broker_url: str | None,
+    database_url: str | None,
+    exchange: str | None,
+    name: str,
+    window: int,
+    once: bool,
+    metrics_port: int | None,
+    metrics_host: str,
+) -> None:
+    """Publish stored events to the topic exchange (the outbox relay).
+
+    Start one per node: relays of the same --name and --exchange elect one that publishes; the
+    others stand by and take over within seconds when it stops or dies. --once exits 1 when
+    another relay of that name is active.
+    """
+    from eventbus.errors import RelayBusy
+    from eventbus.run.relay import Relay
+    from eventbus.store.store import EventStore
+
+    settings = Settings.from_env(
+        broker_url=broker_url, database_url=database_url, exchange=exchange
+    )
+    if settings.broker_url.startswith("memory://") and not once:
+        click.echo(
+            "eventbus relay: memory:// routes within one process only; a relay in its own "
+            "process reaches no worker. Use a RabbitMQ URL, or run the relay inside your "
+            "application (eventbus.Relay(...).start()).",
+            err=True,
+        )
+        sys.exit(2)
+    store = EventStore(settings.database_url)
+    r = Relay(store, settings.broker_url, exchange=settings.exchange, name=name, window=window)
+    if once:
+        try:
+            published = r.publish_pending()
+        except RelayBusy as exc:
+            click.echo(f"eventbus relay --once: {exc}", err=True)
+            sys.exit(1)
+        click.echo(f"published {published} events; checkpoint {r.checkpoint()}")
+        return
+    serve_metrics(metrics_port, metrics_host)
+    signal.signal(signal.SIGTERM, lambda *_: r.stop())
+    signal.signal(signal.SIGINT, lambda *_: r.stop())
+    r.run()
