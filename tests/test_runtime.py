@@ -46,5 +46,5 @@ def test_backoff_logs_the_error_and_the_attempt() -> None:
 def test_workers_and_responders_share_one_runtime() -> None:
     assert issubclass(Worker, Runtime) and issubclass(ResponderRunner, Runtime)
     for kind in (Worker, ResponderRunner):
-        for part in ("run", "stop", "_drain", "_wake", "_on_signal"):  # start: + waiting
+        for part in ("run", "_drain", "_wake", "_on_signal", "_consuming"):
             assert getattr(kind, part) is getattr(Runtime, part), f"{kind.__name__}.{part}"

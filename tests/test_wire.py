@@ -1,6 +1,6 @@
 """The wire format, and interop with plain AMQP clients (pika) in both directions.
 
-Unit tests of ``eventbus.wire`` need no broker. The interop tests run against the real RabbitMQ:
+Unit tests of ``eventbus.bus.wire`` need no broker. The interop tests run against the real RabbitMQ:
 events relayed by eventbus are read by a plain pika consumer, messages published by a plain pika
 publisher are handled by an eventbus worker (once per event id), topic bindings route the same on
 RabbitMQ and on ``memory://``, and a pattern removed from the code is unbound on the next start.

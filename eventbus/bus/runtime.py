@@ -261,7 +261,10 @@ class Runtime:
 
     kind: ClassVar[str]  # "worker", "responder": the first word of the log events
 
-    def __init__(self, broker_url: str, *, heartbeat: int, max_backoff: float, log: Any) -> None:
+    def __init__(
+        self, name: str, broker_url: str, *, heartbeat: int, max_backoff: float, log: Any
+    ) -> None:
+        self._name = name  # the service's or responders' (thread names)
         self.broker_url = broker_url
         self.heartbeat = heartbeat
         self.max_backoff = max_backoff
@@ -361,7 +364,7 @@ class Runtime:
         self._stop.clear()  # a stopped runtime may be started again
         self.error = None
         self._thread = threading.Thread(
-            target=self._run_in_thread, name=f"eventbus-{self.kind}", daemon=True
+            target=self._run_in_thread, name=f"eventbus-{self.kind}-{self._name}", daemon=True
         )
         self._thread.start()
         return self

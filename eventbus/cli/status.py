@@ -154,6 +154,8 @@ def status(
         click.echo(json.dumps(to_dict(state, problems), indent=2))
     else:
         click.echo(render(state))
+        if any(note.startswith("unacked n/a") for note in state.notes):
+            click.echo("hint: --management-url URL points eventbus status at the management API")
     for problem in problems:
         click.echo(f"eventbus status: exceeded: {problem.message}", err=True)
     if problems:

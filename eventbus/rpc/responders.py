@@ -186,6 +186,7 @@ class ResponderRunner(Runtime):
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         super().__init__(
+            responders.name,
             broker_url,
             heartbeat=heartbeat,
             max_backoff=max_backoff,
@@ -219,6 +220,10 @@ class ResponderRunner(Runtime):
                     f"{redact(self.broker_url)} after {timeout}s"
                 )
         return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, answer and ack the ones in flight, disconnect."""
+        super().stop(timeout)
 
     # -- the runtime's hooks -----------------------------------------------------------------
 

@@ -77,6 +77,7 @@ class Worker(Settling, Lanes, Batches):
             if value < 1:
                 raise ValueError(f"{label} must be >= 1")
         super().__init__(
+            service.name,
             broker_url,
             heartbeat=heartbeat,
             max_backoff=max_backoff,
