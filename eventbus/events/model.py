@@ -29,6 +29,7 @@ from eventbus.errors import (
     UnknownEventType,
 )
 from eventbus.events.fastload import Loader, compile_loader
+from eventbus.events.values import refusals
 
 __all__ = ["Event", "Upcaster", "event_class", "registered_types"]
 
@@ -222,6 +223,8 @@ class Event:
             raise TypeError(f"{cls.__name__} is abstract; construct one of its event subclasses")
         errors: dict[str, Any] = {}
         values = _load(cls, payload, errors)
+        if not errors:  # what validates must also be what the store and the wire carry
+            errors.update(refusals(cls._schema.dump(values)))
         envelope = _envelope(event_id, occurred_at, correlation_id, causation_id, errors)
         if errors:
             raise EventValidationError(cls._label(), errors)

@@ -27,6 +27,7 @@ from eventbus.errors import ConcurrencyError, DuplicateEventError, EventError, S
 from eventbus.events.codec import decode_event, encode_payload, loads
 from eventbus.events.model import Event
 from eventbus.events.topics import topic_matches_any
+from eventbus.events.values import text_problem
 from eventbus.store import sequencer
 from eventbus.store.tables import events as T
 
@@ -129,6 +130,8 @@ class EventStore:
             raise StoreError(
                 f"stream_id must be a string of 1 to 255 characters, not {stream_id!r}"
             )
+        if (why := text_problem(stream_id)) is not None:
+            raise StoreError(f"stream_id {stream_id!r} {why}")
         batch = list(events)
         for event in batch:
             if not isinstance(event, Event):
@@ -308,10 +311,20 @@ class EventStore:
                 sequenced_at_tail = False
                 if wanted is not None:
                     rows = [r for r in rows if topic_matches_any(wanted, r.routing_key or r.type)]
-                if not report_undecodable:
-                    yield Page([_decode(row) for row in rows], after)
-                else:
-                    yield _decode_page(rows, after)
+                page = _decode_page(rows, after)
+                if page.undecodable and not report_undecodable:
+                    # The events before the bad one are read; then its error, naming it.
+                    bad = page.undecodable[0]
+                    yield Page(
+                        [e for e in page.events if (e.position or 0) < bad.position],
+                        bad.position - 1,
+                    )
+                    bad.error.add_note(
+                        f"stored event {bad.event_id} ({bad.type}) at position {bad.position} "
+                        f"of stream {bad.stream_id!r}"
+                    )
+                    raise bad.error
+                yield page
             if until_position is not None and after >= until_position:
                 return
             if not full:
