@@ -1,9 +1,10 @@
 """What an event's payload may hold: JSON values that both databases and the wire carry unchanged.
 
 A field's encoded value must be null, a boolean, an integer within 64 bits (signed), a finite
-float, a string without NUL or unpaired surrogates, or a list or string-keyed object of these,
-nested at most ``MAX_DEPTH`` levels. Construction refuses anything else, naming the field and
-where in it the value sits. Why each limit: ``docs/events.md``, "What a payload may hold".
+float below 1e16 in magnitude, a string without NUL or unpaired surrogates, or a list or
+string-keyed object of these, nested at most ``MAX_DEPTH`` levels. Construction refuses anything
+else, naming the field and where in it the value sits. Why each limit: ``docs/events.md``,
+"What a payload may hold".
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 
 MAX_DEPTH = 200  # levels of lists/objects inside one field (orjson's own limit is 254)
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+# From 1e16 up floats are written in exponent form, which PostgreSQL's jsonb keeps as an integer.
+FLOAT_MAX = 1e16
 
 
 def refusals(encoded: dict[str, Any]) -> dict[str, list[str]]:
@@ -48,9 +51,14 @@ def _problem(value: Any, depth: int) -> tuple[str, str] | None:
             return None
         return "", "integer outside the 64-bit range (-2**63 .. 2**63-1)"
     if kind is float or isinstance(value, float):
-        if value == value and value not in (float("inf"), float("-inf")):
-            return None
-        return "", f"{value} is not a JSON number (NaN and infinities are not)"
+        if value != value or value in (float("inf"), float("-inf")):
+            return "", f"{value} is not a JSON number (NaN and infinities are not)"
+        if abs(value) >= FLOAT_MAX:
+            return "", (
+                f"{value!r} is a float of 1e16 or more, which PostgreSQL gives back as an "
+                "integer; use a string or an integer field"
+            )
+        return None
     if isinstance(value, str):
         why = text_problem(value)
         return None if why is None else ("", why)
