@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from eventbus.cli.options import broker_options, metrics_options, serve_metrics
+from eventbus.cli.options import broker_options, check_settings, metrics_options, serve_metrics
 from eventbus.settings import Settings
 
 
@@ -48,6 +48,7 @@ def relay(
             err=True,
         )
         sys.exit(2)
+    check_settings("relay", settings.broker_url, settings.database_url)
     store = EventStore(settings.database_url)
     r = Relay(store, settings.broker_url, exchange=settings.exchange, name=name, window=window)
     if once:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from eventbus.cli.options import broker_options, metrics_options, serve_metrics
+from eventbus.cli.options import broker_options, check_settings, metrics_options, serve_metrics
 from eventbus.settings import Settings
 
 
@@ -50,6 +50,7 @@ def run(
         exchange=exchange,
         queue_type=queue_type,
     )
+    check_settings("run", settings.broker_url, settings.database_url)
     store = EventStore(settings.database_url)
     worker = Worker(
         service,
