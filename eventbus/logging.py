@@ -10,14 +10,36 @@ from typing import Any, TextIO
 
 import structlog
 
-# scheme://user:password@host -> scheme://user:***@host
-_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)([^@\s]*)(@)")
+_SCHEME = r"[A-Za-z][A-Za-z0-9+.-]*://"
+# A URL in a text ends at whitespace. Right after a quote (a repr) it ends at the last such quote
+# before that (a password may hold the quote); otherwise at a character no URL holds, and
+# kombu's failover lists ("amqp://a//;amqp://b//") are several URLs.
+_URL = re.compile(
+    rf"""(?<=')(?:{_SCHEME}\S*)(?=')"""
+    rf"""|(?<=")(?:{_SCHEME}\S*)(?=")"""
+    rf"""|(?<![A-Za-z0-9+.-]){_SCHEME}(?:(?![;,]{_SCHEME})[^\s"<>`])*"""  # (?<!..): linear time
+)
+# scheme://user:password@host -> scheme://user:***@host. As SQLAlchemy parses a URL, the user
+# name ends at the first ":" and the password at the last "@" (either may hold an "@").
+_USERINFO_PASSWORD = re.compile(rf"^({_SCHEME}[^:/]*:).*@")
+# ?password=x&... -> ?password=***&...: query (and fragment) parameters that carry a credential.
+_SECRET_PARAM = re.compile(
+    r"([?&;#](?:[^=&;#?]*(?:pass|pwd|secret|token|api[-_]?key|access[-_]?key|private[-_]?key"
+    r"|credential|signature)[^=&;#?]*|key|sig|auth|authorization)=)[^&]+",
+    re.IGNORECASE,
+)
 _SECRET_KEYS = ("password", "secret", "token")
 
 
+def _redact_url(match: re.Match[str]) -> str:
+    url = _USERINFO_PASSWORD.sub(r"\1***@", match.group())
+    return _SECRET_PARAM.sub(r"\1***", url)
+
+
 def redact(text: str) -> str:
-    """Hide the password of every URL in ``text``."""
-    return _URL_PASSWORD.sub(r"\1***\3", text)
+    """Hide the credentials of every URL in ``text``: its userinfo password and the values of
+    query parameters such as ``password``, ``sslpassword``, ``token`` or ``api_key``."""
+    return _URL.sub(_redact_url, text) if "://" in text else text
 
 
 def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> Any:

@@ -65,8 +65,21 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
         if url.startswith("postgresql"):
             # Sessions in UTC: psycopg then returns timestamptz with datetime.UTC itself, which
             # events keep as it is (another zone costs a conversion per event read).
+            # connect_args' "options" replaces the URL's (and libpq's PGOPTIONS), so it carries
+            # the user's options (the URL's, then connect_args', like search_path for a tenant)
+            # followed by the time zone: the last -c wins, so a TimeZone of the user's own is
+            # overridden, because the store's timestamp handling needs UTC sessions.
+            import os
+
             connect_args = dict(kwargs.pop("connect_args", {}))
-            connect_args.setdefault("options", "-c TimeZone=UTC")
+            from_url = sa.engine.make_url(url).query.get("options", ())
+            user = [
+                *([from_url] if isinstance(from_url, str) else from_url),
+                *([connect_args["options"]] if connect_args.get("options") else []),
+            ]
+            if not user and os.environ.get("PGOPTIONS"):
+                user = [os.environ["PGOPTIONS"]]  # libpq's fallback when no options are given
+            connect_args["options"] = " ".join([*user, "-c TimeZone=UTC"])
             kwargs["connect_args"] = connect_args
         return sa.create_engine(url, **kwargs)
     connect_args = kwargs.pop("connect_args", {})
