@@ -12,7 +12,9 @@ Environment: ``EVENTBUS_DATABASE_URL`` (default ``sqlite:///eventbus.db``),
 ``IMAGE_UPLOAD_STATUS_URL`` (the status API; default ``http://127.0.0.1:8001/statuses``),
 ``IMAGE_UPLOAD_PUBLIC_URL`` (how the world reaches the media; default
 ``http://127.0.0.1:8000/media``), ``IMAGE_UPLOAD_MAX_BYTES`` (default 5 MiB) and
-``IMAGE_UPLOAD_MAX_PIXELS`` (width x height, default 40 million).
+``IMAGE_UPLOAD_MAX_PIXELS`` (width x height, default 40 million), ``IMAGE_UPLOAD_BODY_TIMEOUT``
+(seconds the upload service waits for more of a request's body before it answers 408; default
+30).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Config:
     public_url: str
     max_upload_bytes: int
     max_pixels: int  # larger images are refused before they are decoded
+    body_timeout: float = 30.0  # seconds without a byte of a request's body: 408
 
     @classmethod
     def from_env(cls) -> Config:
@@ -55,6 +58,7 @@ class Config:
             public_url=env("IMAGE_UPLOAD_PUBLIC_URL", "http://127.0.0.1:8000/media").rstrip("/"),
             max_upload_bytes=int(env("IMAGE_UPLOAD_MAX_BYTES", str(5 * 1024 * 1024))),
             max_pixels=int(env("IMAGE_UPLOAD_MAX_PIXELS", str(40_000_000))),
+            body_timeout=float(env("IMAGE_UPLOAD_BODY_TIMEOUT", "30")),
         )
 
 

@@ -9,9 +9,13 @@
 
 Every refusal is a 4xx with a JSON body ``{"error": "...", "status": N}`` that names the problem:
 400 malformed request, 401 no or unknown session, 404 unknown user or path, 405 wrong method,
-411 no Content-Length, 413 too large (bytes or pixels), 415 not an image we accept, 422 broken
-image or caption too long. A request refused before its body was read has the body drained (up
-to four times the limit, so the client sees the answer) or the connection closed.
+408 body stopped coming (nothing for ``IMAGE_UPLOAD_BODY_TIMEOUT`` seconds), 411 no
+Content-Length, 413 too large (bytes or pixels), 415 not an image we accept, 422 broken image
+(one of our formats, by its first bytes, that cannot be read whole) or a field the event store
+cannot take: a caption too long, not UTF-8 or with NUL, a user_id that is no valid one (the
+event's own validation, ``EventValidationError``, says which field and why). A request refused
+before its body was read has the body drained (up to four times the limit, so the client sees
+the answer) or the connection closed.
 
 ``python -m examples.image_upload.web [--host 127.0.0.1] [--port 8000]`` (runs ``setup`` first).
 """
@@ -26,11 +30,12 @@ import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import structlog
 
 from eventbus import EventStore, configure_logging
+from eventbus.errors import EventValidationError
 from examples.image_upload.app import config, setup
 from examples.image_upload.upload import Rejected, log_in, upload_image, user_of
 
@@ -38,6 +43,7 @@ log = structlog.get_logger("image_upload.web")
 
 ROUTES = {"/login": "POST", "/user/image": "PUT", "/health": "GET"}
 LOGIN_LIMIT = 4096
+MAX_LENGTH_DIGITS = 18  # a longer Content-Length is over any limit (and int() may refuse it)
 
 
 class UploadServer(ThreadingHTTPServer):
@@ -99,18 +105,34 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def _upload(self) -> tuple[int, dict[str, Any]]:
         user_id = user_of(self.server.store, _bearer(self.headers.get("Authorization")))
-        query = parse_qs(urlsplit(self.path).query)
-        caption = query.get("caption", [""])[0]
+        caption = self._query_text("caption")
         event = upload_image(
             self.server.store, user_id, self._body(config().max_upload_bytes), caption
         )
         fields = ("image_id", "path", "format", "width", "height", "size", "caption")
         return 201, {**{f: getattr(event, f) for f in fields}, "event_id": str(event.event_id)}
 
+    def _query_text(self, name: str) -> str:
+        """The first ``name`` of the query string, as UTF-8 text (percent-encoded or raw bytes);
+        ``Rejected`` (422) if it is not UTF-8. NUL and such are the event's to refuse."""
+        # http.server decodes the request line as Latin-1: one character per byte, so that
+        # percent-decoding as Latin-1 too and encoding back gives the bytes the client sent.
+        query = urlsplit(self.path).query
+        value = next((v for k, v in parse_qsl(query, encoding="latin-1") if k == name), "")
+        try:
+            return value.encode("latin-1").decode("utf-8")
+        except (UnicodeEncodeError, UnicodeDecodeError) as exc:
+            why = f"{exc.reason} at byte {exc.start}"
+            raise Rejected(422, f"{name} is not UTF-8 text: {why}") from None
+
     def _media(self) -> tuple[int, dict[str, Any]]:
         root = config().media
-        target = (root / unquote(urlsplit(self.path).path[len("/media/") :])).resolve()
-        if not target.is_relative_to(root) or not target.is_file():
+        try:
+            target = (root / unquote(urlsplit(self.path).path[len("/media/") :])).resolve()
+            found = target.is_relative_to(root) and target.is_file()
+        except (OSError, ValueError):  # NUL in the name, a name too long, ...
+            found = False
+        if not found:
             raise Rejected(404, "no such media file")
         data = target.read_bytes()
         kind = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
@@ -125,6 +147,8 @@ class RequestHandler(BaseHTTPRequestHandler):
             status, answer = action()
         except Rejected as exc:
             status, answer = exc.status, {"error": exc.message, "status": exc.status}
+        except EventValidationError as exc:  # a field the event, so the store, cannot take
+            status, answer = 422, {"error": str(exc), "status": 422}
         except Exception:
             log.exception("request.failed", method=self.command, path=urlsplit(self.path).path)
             status, answer = 500, {"error": "internal error; see the service's log", "status": 500}
@@ -143,20 +167,37 @@ class RequestHandler(BaseHTTPRequestHandler):
             raise Rejected(411, "send Content-Length")
         if length > limit:
             raise Rejected(413, f"body of {length:,} bytes; the limit is {limit:,}")
-        data = self.rfile.read(length)
         self._body_read = True
+        try:
+            data = self._read(length)
+        except TimeoutError:
+            self.close_connection = True
+            timeout = config().body_timeout
+            raise Rejected(408, f"the body stopped coming: nothing for {timeout:g} s") from None
         if len(data) < length:
             self.close_connection = True
             raise Rejected(400, f"body ended after {len(data):,} of {length:,} bytes")
         return data
 
+    def _read(self, size: int) -> bytes:
+        """Up to ``size`` bytes of the body; ``TimeoutError`` if it stops coming."""
+        self.connection.settimeout(config().body_timeout)
+        try:
+            return self.rfile.read(size)
+        finally:
+            self.connection.settimeout(self.timeout)
+
     def _content_length(self) -> int | None:
         value = self.headers.get("Content-Length")
         if value is None:
             return None
-        if not value.isdigit():
-            raise Rejected(400, f"Content-Length {value!r} is not a number")
-        return int(value)
+        if not (value.isascii() and value.isdigit()):  # "²".isdigit(), and int() refuses it
+            shown = value if len(value) <= 40 else value[:39] + "…"
+            raise Rejected(400, f"Content-Length {shown!r} is not a number")
+        digits = value.lstrip("0") or "0"
+        if len(digits) > MAX_LENGTH_DIGITS:
+            raise Rejected(413, f"Content-Length of {len(digits):,} digits: more than we take")
+        return int(digits)
 
     def _discard_body(self) -> None:
         """Read what the client sends before answering it (or close), so it sees the answer."""
@@ -172,7 +213,10 @@ class RequestHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         while length > 0:
-            chunk = self.rfile.read(min(length, 1 << 16))
+            try:
+                chunk = self._read(min(length, 1 << 16))
+            except TimeoutError:
+                chunk = b""
             if not chunk:
                 self.close_connection = True
                 return
@@ -180,15 +224,15 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def handle_expect_100(self) -> bool:
         """Refuse an upload over the limit before the client sends it (curl asks first)."""
+        limit = config().max_upload_bytes
         try:
             length = self._content_length() or 0
-        except Rejected:
-            length = 0
-        if length > config().max_upload_bytes:
+            if length > limit:
+                raise Rejected(413, f"body of {length:,} bytes; the limit is {limit:,}")
+        except Rejected as exc:
             self.close_connection = True
-            limit = config().max_upload_bytes
-            message = f"body of {length:,} bytes; the limit is {limit:,}"
-            self._send(413, json.dumps({"error": message, "status": 413}).encode() + b"\n")
+            answer = {"error": exc.message, "status": exc.status}
+            self._send(exc.status, json.dumps(answer).encode() + b"\n")
             return False
         return super().handle_expect_100()
 
