@@ -40,6 +40,12 @@ def _run(command: str, action: Callable[[], T]) -> T:
         return action()
     except DeadLetterError as exc:
         click.echo(f"eventbus dead-letters {command}: {exc}", err=True)
+    except RecursionError:  # py-amqp decodes header tables recursively
+        click.echo(
+            f"eventbus dead-letters {command}: a message's headers are nested too deep for the "
+            "AMQP client to read or write; that message stays in the queue",
+            err=True,
+        )
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         click.echo(
@@ -72,7 +78,7 @@ def list_(
 
     QUEUE is a handler's queue (<service>.<handler>) or its .dead queue.
     """
-    from eventbus.ops.deadletters import peek
+    from eventbus.ops.deadletters import peek, printable
 
     url = Settings.from_env(broker_url=broker_url).broker_url
     if queue is None:
@@ -91,11 +97,11 @@ def list_(
     rows = [
         (
             str(i),
-            letter.id,
-            letter.type or "?",
+            printable(letter.id),
+            printable(letter.type or "?"),
             "-" if letter.attempts is None else str(letter.attempts),
-            (letter.failed_at or "?")[:19],
-            _clip(" ".join(letter.reason.split()), 70),
+            printable((letter.failed_at or "?")[:19]),
+            _clip(" ".join(printable(letter.reason).split()), 70),
         )
         for i, letter in enumerate(seen.letters, start=1)
     ]
@@ -151,7 +157,7 @@ def show(queue: str, letter_id: str, broker_url: str | None, full: bool, as_json
     ID is what 'eventbus dead-letters list' shows (the event id, or body-<hash> for a message
     without one). QUEUE is a handler's queue or its .dead queue.
     """
-    from eventbus.ops.deadletters import find, json_safe, queues_of
+    from eventbus.ops.deadletters import find, printable, queues_of
 
     url = Settings.from_env(broker_url=broker_url).broker_url
     letters = _run("show", lambda: find(url, queue, letter_id))
@@ -164,19 +170,19 @@ def show(queue: str, letter_id: str, broker_url: str | None, full: bool, as_json
         click.echo(json.dumps([letter.to_dict(body_limit=limit) for letter in letters], indent=2))
         return
     for n, letter in enumerate(letters, start=1):
+        # Shown as to_dict has it (JSON-safe, bounded), escaped for the terminal.
+        shown = letter.to_dict(body_limit=limit)
         of = f" ({n} of {len(letters)} with this id)" if len(letters) > 1 else ""
-        click.echo(f"dead letter {letter.id} in {dead}{of}")
-        click.echo(f"  reason: {letter.reason}")
-        click.echo("properties:")
-        for key, value in sorted(letter.properties.items()):
-            click.echo(f"  {key}: {_value(json_safe(value))}")
-        click.echo("headers:")
-        for key, value in sorted(letter.headers.items()):
-            click.echo(f"  {key}: {_value(json_safe(value))}")
-        text, form, truncated = letter.body_text(limit)
-        click.echo(f"body ({form}, {len(letter.body):,} bytes):")
-        click.echo(text)
-        if truncated:
+        click.echo(f"dead letter {printable(letter.id)} in {dead}{of}")
+        click.echo(f"  reason: {printable(letter.reason)}")
+        for part in ("properties", "headers"):
+            click.echo(f"{part}:")
+            for key, value in shown[part].items():
+                click.echo(f"  {printable(key)}: {printable(_value(value))}")
+        note = f"; {shown['body_note']}" if shown.get("body_note") else ""
+        click.echo(f"body ({shown['body_format']}, {len(letter.body):,} bytes{note}):")
+        click.echo(printable(shown["body"]))
+        if shown["body_truncated"]:
             click.echo(f"... truncated at {limit:,} characters; --full shows all")
 
 

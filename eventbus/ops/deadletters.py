@@ -5,6 +5,10 @@ them back; ``retry`` acks the dead copy only once the broker confirmed the repub
 ``purge`` deletes only the chosen ones. Each operation takes at most the messages the queue held
 when it started.
 
+Showing a letter never fails, whatever the worker dead-lettered: a body nested deeper than
+``JSON_DEPTH`` levels is shown as its text (with a note), header values deeper than
+``VALUE_DEPTH`` are cut short, and nothing is parsed or serialized recursively beyond that.
+
 Details: ``docs/operations.md``.
 """
 
@@ -14,8 +18,11 @@ import contextlib
 import datetime as dt
 import decimal
 import hashlib
+import itertools
 import json
-from collections.abc import Collection, Iterator
+import math
+import re
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +39,31 @@ _FAILURE_HEADERS = frozenset(
     ("x-attempts", "x-first-failure-at", "x-failed-at", "x-queue", "x-delivery-count")
 )
 _WINDOW = 500  # messages republished per confirm window
+# Bodies nested deeper are shown as text, never parsed: more than an event holds (a field may
+# be 200 levels deep), little enough to parse and pretty-print well within the recursion limit.
+JSON_DEPTH = 256
+VALUE_DEPTH = 64  # levels of a header or property value shown; deeper ones are summarised
+# A JSON string (or an unterminated one, up to the end), and what is not a bracket: what is left
+# of a body without them are the brackets whose running count is its nesting (linear, no parse).
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# What a terminal must not be sent as it is: control characters but newline and tab, DEL, the
+# C1 controls, bidirectional overrides and lone surrogates (they cannot even be encoded).
+_UNPRINTABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+@dataclass(frozen=True)
+class Body:
+    """A dead letter's body as shown: ``text`` in ``format`` (``json``: pretty-printed,
+    ``text``: as it is, ``hex``: its bytes), cut at a limit (``truncated``), and a ``note`` when
+    a body that looks like JSON is not shown as JSON."""
+
+    text: str
+    format: str
+    truncated: bool
+    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,24 +103,36 @@ class DeadLetter:
 
     def body_text(self, limit: int | None = None) -> tuple[str, str, bool]:
         """(text, format, truncated): pretty JSON, else UTF-8 text, else hex of the bytes."""
+        body = self.shown_body(limit)
+        return body.text, body.format, body.truncated
+
+    def shown_body(self, limit: int | None = None) -> Body:
+        """The body as shown (at most ``limit`` characters): pretty JSON, else UTF-8 text, else
+        hex of the bytes. Never raises, and its text always encodes as UTF-8."""
         try:
             text = self.body.decode("utf-8")
         except UnicodeDecodeError:
-            text, form = self.body.hex(), "hex"
-        else:
-            try:
-                text = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
-                form = "json"
-            except ValueError:
-                form = "text"
-        if limit is not None and len(text) > limit:
-            return text[:limit], form, True
-        return text, form, False
+            shown = self.body if limit is None else self.body[: (limit + 1) // 2]
+            hexed = shown.hex() if limit is None else shown.hex()[:limit]
+            return Body(hexed, "hex", limit is not None and 2 * len(self.body) > limit)
+        depth = nesting(text)
+        if depth > JSON_DEPTH:
+            note = f"nested {depth:,} levels deep (more than {JSON_DEPTH}): not parsed as JSON"
+            return _cut(text, "text", limit, note)
+        try:
+            pretty = _pretty(json.loads(text), limit)
+        except ValueError:
+            return _cut(text, "text", limit)
+        except RecursionError:  # not expected within JSON_DEPTH levels; never fatal all the same
+            note = f"nested {depth:,} levels deep: too deep to parse here, shown as text"
+            return _cut(text, "text", limit, note)
+        return _cut(pretty, "json", limit)
 
     def to_dict(self, body_limit: int | None = 4000) -> dict[str, Any]:
-        """JSON-safe form (``--json``, the dashboard's API)."""
-        text, form, truncated = self.body_text(body_limit)
-        return {
+        """JSON-safe form (``--json``, the dashboard's API), of bounded depth, never NaN;
+        ``body_note`` only when there is a note."""
+        body = self.shown_body(body_limit)
+        shown = {
             "id": self.id,
             "message_id": _text(self.properties.get("message_id")),
             "type": self.type,
@@ -97,13 +141,16 @@ class DeadLetter:
             "failed_at": self.failed_at,
             "original_routing_key": _text(self.headers.get("x-original-routing-key")),
             "redelivered": self.redelivered,
-            "properties": {k: json_safe(v) for k, v in sorted(self.properties.items())},
-            "headers": {k: json_safe(v) for k, v in sorted(self.headers.items())},
-            "body": text,
-            "body_format": form,
+            "properties": _table(self.properties),
+            "headers": _table(self.headers),
+            "body": body.text,
+            "body_format": body.format,
             "body_size": len(self.body),
-            "body_truncated": truncated,
+            "body_truncated": body.truncated,
         }
+        if body.note:
+            shown["body_note"] = body.note
+        return shown
 
 
 @dataclass(frozen=True)
@@ -212,7 +259,7 @@ def republished(letter: DeadLetter) -> Message:
     headers = {
         k: v
         for k, v in letter.headers.items()
-        if k not in _FAILURE_HEADERS and not k.startswith(_FAILURE_PREFIXES)
+        if not (isinstance(k, str) and (k in _FAILURE_HEADERS or k.startswith(_FAILURE_PREFIXES)))
     }
     properties = {k: letter.properties[k] for k in PROPERTIES if letter.properties.get(k)}
     properties["delivery_mode"] = 2
@@ -227,10 +274,13 @@ def letter_id(message_id: Any, body: bytes) -> str:
     return "body-" + hashlib.sha256(body).hexdigest()[:16]
 
 
-def json_safe(value: Any) -> Any:
-    """A header or property value as JSON can carry it (bytes as text or hex, times as ISO)."""
-    if value is None or isinstance(value, bool | int | float | str):
+def json_safe(value: Any, _depth: int = 0) -> Any:
+    """A header or property value as JSON can carry it (bytes as text or hex, times as ISO,
+    NaN and infinities as text); tables and arrays deeper than ``VALUE_DEPTH`` are summarised."""
+    if value is None or isinstance(value, bool | int | str):
         return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
     if isinstance(value, bytes | bytearray | memoryview):
         raw = bytes(value)
         try:
@@ -241,11 +291,66 @@ def json_safe(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, decimal.Decimal):
         return str(value)
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
+    if isinstance(value, dict | list | tuple):
+        if _depth >= VALUE_DEPTH:
+            kind = "table" if isinstance(value, dict) else "array"
+            return f"({kind} nested deeper than {VALUE_DEPTH} levels: not shown)"
+        if isinstance(value, dict):
+            return {_key(k): json_safe(v, _depth + 1) for k, v in value.items()}
+        return [json_safe(v, _depth + 1) for v in value]
     return repr(value)
+
+
+def nesting(text: str) -> int:
+    """How deep the brackets of ``text`` (JSON or not) nest, outside strings; without parsing."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    return max(0, max(itertools.accumulate(map(_STEP.__getitem__, brackets)), default=0))
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: control characters (but newline and tab),
+    bidirectional overrides and lone surrogates escaped as ``\\xNN`` or ``\\uNNNN``."""
+    return _UNPRINTABLE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def _pretty(value: Any, limit: int | None) -> str:
+    """``value`` as indented JSON (as ``json.dumps(value, indent=2, ensure_ascii=False)``),
+    encoded only up to just past ``limit`` characters, lone surrogates escaped."""
+    chunks: list[str] = []
+    size = 0
+    for chunk in json.JSONEncoder(indent=2, ensure_ascii=False).iterencode(value):
+        chunks.append(chunk)
+        size += len(chunk)
+        if limit is not None and size > limit:
+            break
+    text = "".join(chunks)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def _cut(text: str, form: str, limit: int | None, note: str | None = None) -> Body:
+    if limit is not None and len(text) > limit:
+        return Body(text[:limit], form, True, note)
+    return Body(text, form, False, note)
+
+
+def _table(table: Mapping[Any, Any]) -> dict[str, Any]:
+    """Properties or headers, JSON-safe, by name (names that are not UTF-8 as ``hex:``)."""
+    named = [(_key(k), v) for k, v in table.items()]
+    return {k: json_safe(v) for k, v in sorted(named, key=lambda item: item[0])}
+
+
+def _key(key: Any) -> str:
+    if isinstance(key, bytes):
+        try:
+            return key.decode("utf-8")
+        except UnicodeDecodeError:
+            return "hex:" + key.hex()
+    return str(key)
 
 
 # -- the broker ----------------------------------------------------------------------------------
@@ -318,4 +423,6 @@ def _text(value: Any) -> str | None:
         return None
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
+    if isinstance(value, dict | list | tuple):  # a table where text belongs: as bounded JSON
+        return json.dumps(json_safe(value))
     return str(value)
