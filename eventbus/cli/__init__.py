@@ -1,4 +1,4 @@
-"""The ``eventbus`` command. Exit codes: 0 success, 1 failure, 2 bad usage."""
+"""The ``eventbus`` command. Exit codes: 0 success, 1 failure, 2 bad usage, 3 not ready."""
 
 from __future__ import annotations
 
