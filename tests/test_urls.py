@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from eventbus import EventStore, upgrade_database
 from eventbus.logging import redact
-from eventbus.store.store import create_engine
+from eventbus.store.engine import create_engine
 from tests.conftest import fresh_pg_database
 from tests.events_fixtures import UserLoggedIn
 

@@ -87,7 +87,7 @@ def _run(
     check: bool,
 ) -> None:
     """Resolve the targets to queue names, check them, then ``act`` on them."""
-    from eventbus.store.store import create_engine
+    from eventbus.store.engine import create_engine
 
     url = Settings.from_env(database_url=database_url).database_url
     engine = create_engine(url)

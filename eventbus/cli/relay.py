@@ -48,6 +48,7 @@ def relay(
             err=True,
         )
         sys.exit(2)
+    serve_metrics(metrics_port, metrics_host)  # first: a taken port is exit 1 as before
     check_settings("relay", settings.broker_url, settings.database_url)
     store = EventStore(settings.database_url)
     r = Relay(store, settings.broker_url, exchange=settings.exchange, name=name, window=window)
@@ -59,7 +60,6 @@ def relay(
             sys.exit(1)
         click.echo(f"published {published} events; checkpoint {r.checkpoint()}")
         return
-    serve_metrics(metrics_port, metrics_host)
     signal.signal(signal.SIGTERM, lambda *_: r.stop())
     signal.signal(signal.SIGINT, lambda *_: r.stop())
     r.run()

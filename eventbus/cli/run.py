@@ -50,6 +50,7 @@ def run(
         exchange=exchange,
         queue_type=queue_type,
     )
+    serve_metrics(metrics_port, metrics_host)  # first: a taken port is exit 1 as before
     check_settings("run", settings.broker_url, settings.database_url)
     store = EventStore(settings.database_url)
     worker = Worker(
@@ -61,7 +62,6 @@ def run(
         concurrency=concurrency,
         queue_type=settings.queue_type,
     )
-    serve_metrics(metrics_port, metrics_host)
     embedded = None
     if settings.broker_url.startswith("memory://"):
         embedded = Relay(
