@@ -139,6 +139,9 @@ class Demo:
         if waited is None:
             return 1
         self.account(store, blog, waited)
+        # The services' own last events (tweeted, notified) are published a moment after their
+        # effects show: the summary counts them once the relay has caught up with the store.
+        relay.wait_until_published(store.head(), timeout=self.timeout)
         self.summary(store, blog, relay)
         say(f"\ndemo finished in {time.monotonic() - self.started:.1f} s")
         return 0
