@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import structlog
+
+if TYPE_CHECKING:
+    from eventbus.store.store import EventStore
 
 Decorator = Callable[[Any], Any]
 
@@ -81,8 +84,10 @@ def serve_metrics(port: int | None, host: str) -> None:
 NOT_READY = 3  # exit code: a permanent problem with a server or database (usage errors: 2)
 
 
-def check_settings(command: str, broker_url: str | None, database_url: str) -> None:
-    """Exit 2 with one line when a URL cannot be used at all; exit 3 (``NOT_READY``) when the
+def open_checked_store(command: str, broker_url: str | None, database_url: str) -> EventStore:
+    """The command's ``EventStore``, once the settings are known to be usable.
+
+    Exit 2 with one line when a URL cannot be used at all; exit 3 (``NOT_READY``) when the
     database or the broker refuses for good (no such database, tables never created, wrong
     credentials). A server that does not answer yet is left to the command's retries."""
     import sqlalchemy as sa
@@ -100,7 +105,7 @@ def check_settings(command: str, broker_url: str | None, database_url: str) -> N
         fail(2, f"--database-url {database_url!r} is not a usable database URL: {_line(exc)}")
     if broker_url is not None:
         _check_broker(broker_url, fail)
-    _check_database(database_url, fail)
+    return _open_database(database_url, fail)
 
 
 def _check_broker(broker_url: str, fail: Callable[[int, str], None]) -> None:
@@ -124,7 +129,7 @@ def _check_broker(broker_url: str, fail: Callable[[int, str], None]) -> None:
         pass  # not reachable now: the command retries with backoff, as for an outage
 
 
-def _check_database(database_url: str, fail: Callable[[int, str], None]) -> None:
+def _open_database(database_url: str, fail: Callable[[int, str], None]) -> EventStore:
     import os
 
     import sqlalchemy as sa
@@ -150,8 +155,7 @@ def _check_database(database_url: str, fail: Callable[[int, str], None]) -> None
             NOT_READY,
             f"{database_url} has no eventbus tables ({_line(exc)}); run 'eventbus db upgrade'",
         )
-    finally:
-        store.close()
+    return store
 
 
 def _line(exc: BaseException) -> str:

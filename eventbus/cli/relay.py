@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from eventbus.cli.options import broker_options, check_settings, metrics_options, serve_metrics
+from eventbus.cli.options import broker_options, metrics_options, open_checked_store, serve_metrics
 from eventbus.settings import Settings
 
 
@@ -35,7 +35,6 @@ def relay(
     """
     from eventbus.errors import RelayBusy
     from eventbus.run.relay import Relay
-    from eventbus.store.store import EventStore
 
     settings = Settings.from_env(
         broker_url=broker_url, database_url=database_url, exchange=exchange
@@ -49,8 +48,7 @@ def relay(
         )
         sys.exit(2)
     serve_metrics(metrics_port, metrics_host)  # first: a taken port is exit 1 as before
-    check_settings("relay", settings.broker_url, settings.database_url)
-    store = EventStore(settings.database_url)
+    store = open_checked_store("relay", settings.broker_url, settings.database_url)
     r = Relay(store, settings.broker_url, exchange=settings.exchange, name=name, window=window)
     if once:
         try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from eventbus.cli.options import broker_options, check_settings, metrics_options, serve_metrics
+from eventbus.cli.options import broker_options, metrics_options, open_checked_store, serve_metrics
 from eventbus.settings import Settings
 
 
@@ -41,7 +41,6 @@ def run(
     from eventbus.cli import load_service
     from eventbus.run.relay import Relay
     from eventbus.run.worker import Worker
-    from eventbus.store.store import EventStore
 
     service = load_service(target)
     settings = Settings.from_env(
@@ -51,8 +50,7 @@ def run(
         queue_type=queue_type,
     )
     serve_metrics(metrics_port, metrics_host)  # first: a taken port is exit 1 as before
-    check_settings("run", settings.broker_url, settings.database_url)
-    store = EventStore(settings.database_url)
+    store = open_checked_store("run", settings.broker_url, settings.database_url)
     worker = Worker(
         service,
         broker_url=settings.broker_url,

@@ -46,11 +46,11 @@ def _problem(value: Any, depth: int) -> tuple[str, str] | None:
     kind = type(value)
     if value is None or kind is bool:
         return None
-    if kind is int or (isinstance(value, int) and not isinstance(value, bool)):
+    if isinstance(value, int):  # bool was taken above
         if INT_MIN <= value <= INT_MAX:
             return None
         return "", "integer outside the 64-bit range (-2**63 .. 2**63-1)"
-    if kind is float or isinstance(value, float):
+    if isinstance(value, float):
         if value != value or value in (float("inf"), float("-inf")):
             return "", f"{value} is not a JSON number (NaN and infinities are not)"
         if abs(value) >= FLOAT_MAX:
