@@ -209,6 +209,10 @@ class Publisher:
         self.confirm_timeout = confirm_timeout
         self._amqp = is_amqp(connection)
         _amqp.install()  # a returned message's undecodable properties must not kill the channel
+        self._open()
+
+    def _open(self) -> None:
+        connection, exchange = self.connection, self.exchange
         self.channel: Any = connection.channel()
         if exchange:  # "" is the default exchange: a routing key names a queue
             declare_exchange(connection, self.channel, exchange)
@@ -234,6 +238,11 @@ class Publisher:
         """Close the channel (the connection stays the caller's)."""
         with contextlib.suppress(Exception):  # a channel on a dead connection
             self.channel.close()
+
+    def reopen(self) -> None:
+        """A new channel on the same connection (after the broker closed this one)."""
+        self.close()
+        self._open()
 
     def publish(self, messages: Sequence[tuple[str, Message]]) -> list[str]:
         """Publish ``(routing_key, message)`` pairs and wait until all are confirmed.
@@ -304,3 +313,14 @@ class Publisher:
 
     def _on_return(self, _exc: Exception, _exchange: str, _key: str, message: Any) -> None:
         self._returned.append(str(message.properties.get("message_id")))
+
+
+def refusal(exc: BaseException) -> str | None:
+    """The broker's reason when ``exc`` is its refusal of a published message for good.
+
+    RabbitMQ closes the channel with 406 PRECONDITION_FAILED on ``basic.publish`` for a message
+    it will never take (larger than its ``max_message_size``, say); None for anything else.
+    """
+    if isinstance(exc, amqp.exceptions.PreconditionFailed) and exc.method_sig == (60, 40):
+        return str(exc.reply_text or exc)
+    return None

@@ -59,6 +59,7 @@ def _add_commands() -> None:
     from eventbus.cli.db import db
     from eventbus.cli.dead_letters import dead_letters
     from eventbus.cli.demo import demo
+    from eventbus.cli.parked import parked
     from eventbus.cli.relay import relay
     from eventbus.cli.replay import replay
     from eventbus.cli.respond import respond
@@ -75,6 +76,7 @@ def _add_commands() -> None:
         control.resume,
         status,
         dead_letters,
+        parked,
         respond,
         dashboard,
     ]

@@ -26,6 +26,7 @@ from eventbus.errors import DeadLetterError
 from eventbus.logging import redact
 from eventbus.ops.deadletters import peek, queues_of, retry
 from eventbus.ops.status import collect, known_queues, to_dict
+from eventbus.store.parked import parked as parked_events
 from eventbus.store.store import EventStore
 
 log = structlog.get_logger("eventbus.dashboard")
@@ -112,6 +113,24 @@ class Dashboard:
             ],
         }
 
+    def parked(self) -> dict[str, Any]:
+        """The events relays parked because the broker refused them for good."""
+        return {
+            "parked": [
+                {
+                    "relay": p.relay,
+                    "position": p.position,
+                    "exchange": p.exchange,
+                    "event_id": str(p.event_id),
+                    "type": p.event_type,
+                    "reason": p.reason,
+                    "attempts": p.attempts,
+                    "parked_at": p.parked_at.isoformat(timespec="seconds"),
+                }
+                for p in parked_events(self.store.engine)
+            ]
+        }
+
     def _known(self, queue: str) -> str:
         """``queue`` if it (or the queue it is the ``.dead`` of) is a handler queue shown here."""
         origin = queues_of(queue)[0]
@@ -179,6 +198,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(200, page, "text/html; charset=utf-8", nonce=nonce)
         elif path == "/api/status":
             self._api(board.status)
+        elif path == "/api/parked":
+            self._api(board.parked)
         elif path == "/api/events":
             self._api(lambda: board.events(_int(query, "limit", 20)))
         elif path.startswith("/api/dead-letters/") and path.count("/") == 3:

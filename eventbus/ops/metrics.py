@@ -89,6 +89,11 @@ RELAY_LAG = Gauge(
 RELAY_UNROUTABLE = Counter(
     "eventbus_relay_unroutable", "Confirmed events no queue was bound for.", ("relay",)
 )
+RELAY_PARKED = Counter(
+    "eventbus_relay_parked",
+    "Events the broker refused for good, which the relay parked and passed over.",
+    ("relay",),
+)
 RELAY_ACTIVE = Gauge(
     "eventbus_relay_active",
     "1 while this process's relay holds the lock and publishes, 0 while it stands by.",
@@ -160,7 +165,15 @@ class HandlerMetrics:
 class RelayMetrics:
     """One relay's metrics (label ``relay``: its name), with label children made once."""
 
-    __slots__ = ("_active", "_confirm_seconds", "_confirmed", "_lag", "_published", "_unroutable")
+    __slots__ = (
+        "_active",
+        "_confirm_seconds",
+        "_confirmed",
+        "_lag",
+        "_parked",
+        "_published",
+        "_unroutable",
+    )
 
     def __init__(self, name: str) -> None:
         self._published = RELAY_PUBLISHED.labels(relay=name)
@@ -169,6 +182,7 @@ class RelayMetrics:
         self._lag = RELAY_LAG.labels(relay=name)
         self._unroutable = RELAY_UNROUTABLE.labels(relay=name)
         self._active = RELAY_ACTIVE.labels(relay=name)
+        self._parked = RELAY_PARKED.labels(relay=name)
 
     def published(self, count: int) -> None:
         self._published.inc(count)
@@ -185,6 +199,10 @@ class RelayMetrics:
 
     def active(self, active: bool) -> None:
         self._active.set(1 if active else 0)
+
+    def parked(self) -> None:
+        """An event the broker refused for good was parked."""
+        self._parked.inc()
 
 
 class _InFlight(Protocol):

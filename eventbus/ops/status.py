@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from eventbus.bus.runtime import connect
 from eventbus.logging import redact
 from eventbus.ops.control import Pause, paused, positions
+from eventbus.store.parked import count as parked_counts
 from eventbus.store.store import EventStore
 from eventbus.store.tables import bindings as B
 from eventbus.store.tables import checkpoints as CP
@@ -64,12 +65,14 @@ class HandlerStatus:
 
 @dataclass(frozen=True)
 class RelayStatus:
-    """One relay name's checkpoint: the last position the broker confirmed."""
+    """One relay name's checkpoint (the last position the broker confirmed) and how many events
+    it parked because the broker refused them for good."""
 
     name: str
     position: int
     lag: int
     updated_at: dt.datetime
+    parked: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,11 +129,24 @@ def collect(
         known = known_queues(conn, exchange=exchange, only=queues)
         where = positions(conn, known)
         pauses = paused(conn)
-        relays = [
-            RelayStatus(r.name, int(r.position), max(0, head - int(r.position)), r.updated_at)
-            for r in conn.execute(sa.select(RC).order_by(RC.c.name))
-        ]
+        rows = conn.execute(sa.select(RC).order_by(RC.c.name)).all()
+    parked = parked_counts(store.engine)
+    relays = [
+        RelayStatus(
+            r.name,
+            int(r.position),
+            max(0, head - int(r.position)),
+            r.updated_at,
+            parked.get(r.name, 0),
+        )
+        for r in rows
+    ]
     notes: list[str] = []
+    if sum(parked.values()):
+        notes.append(
+            f"{sum(parked.values()):,} parked events: the broker refused them for good; see "
+            "'eventbus parked list', then 'eventbus parked retry' once the cause is fixed"
+        )
     broker: dict[str, tuple[int, int] | None] = {}
     held: dict[str, int] = {}
     broker_reachable: bool | None = None
@@ -354,7 +370,13 @@ def to_dict(status: Status, problems: Iterable[Exceeded] = ()) -> dict[str, Any]
             for h in status.handlers
         ],
         "relays": [
-            {"name": r.name, "position": r.position, "lag": r.lag, "updated_at": _iso(r.updated_at)}
+            {
+                "name": r.name,
+                "position": r.position,
+                "lag": r.lag,
+                "updated_at": _iso(r.updated_at),
+                "parked": r.parked,
+            }
             for r in status.relays
         ],
         "notes": list(status.notes),
@@ -395,7 +417,8 @@ def render(status: Status) -> str:
     else:
         lines.append("no handler queues recorded yet (a worker records its queues when it starts)")
     if status.relays:
-        lines += ["", *_table(("RELAY", "CHECKPOINT", "LAG", "UPDATED"), _relay_rows(status))]
+        relay_header = ("RELAY", "CHECKPOINT", "LAG", "PARKED", "UPDATED")
+        lines += ["", *_table(relay_header, _relay_rows(status))]
     else:
         lines += ["", "no relay has published yet"]
     lines += [f"note: {n}" for n in status.notes]
@@ -404,7 +427,13 @@ def render(status: Status) -> str:
 
 def _relay_rows(status: Status) -> list[tuple[str, ...]]:
     return [
-        (r.name, f"{r.position:,}", f"{r.lag:,}", _iso(r.updated_at, timespec="seconds"))
+        (
+            r.name,
+            f"{r.position:,}",
+            f"{r.lag:,}",
+            f"{r.parked:,}",
+            _iso(r.updated_at, timespec="seconds"),
+        )
         for r in status.relays
     ]
 

@@ -5,7 +5,7 @@ of them as stored (persistent, ``mandatory``), and advances its checkpoint only 
 confirmed them. A crash in between publishes the window again: duplicates, never losses. Broker
 or database down: backoff, then resume from the checkpoint. Several relays of one name and
 exchange elect one publisher (``run.leadership``; ``docs/scale-out.md``). Unroutable events are
-logged and passed (the store keeps them for replay).
+logged and passed; events the broker refuses for good are parked (``run.parking``).
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ import sqlalchemy as sa
 import structlog
 
 from eventbus.bus.runtime import Backoff, connect
-from eventbus.bus.wire import Message, Publisher, encode_record, is_amqp
+from eventbus.bus.wire import Message, Publisher, is_amqp, refusal
 from eventbus.errors import LeadershipLost, RelayBusy
 from eventbus.logging import redact
 from eventbus.ops import metrics
 from eventbus.run.leadership import leadership, lock_key
+from eventbus.run.parking import message, one_by_one
+from eventbus.store import parked as parking
 from eventbus.store.sequencer import Outbox
 from eventbus.store.store import EventStore
 from eventbus.store.tables import relay_checkpoints as C
@@ -146,12 +148,23 @@ class Relay:
         while rows:
             self._lock.confirm()
             sent_at = time.perf_counter()
-            publisher.send(messages)
-            self._metrics.published(len(rows))
             last = int(rows[-1].position)
-            following = self._pending(last)  # overlaps the broker's confirms
-            following_messages = _messages(following)
-            unroutable = set(publisher.wait())
+            following: Sequence[Any] | None = None
+            try:
+                publisher.send(messages)
+                self._metrics.published(len(rows))
+                following = self._pending(last)  # overlaps the broker's confirms
+                following_messages = _messages(following)
+                unroutable = set(publisher.wait())
+            except Exception as exc:
+                if refusal(exc) is None:
+                    raise
+                # The broker refuses an event of this window for good: find it, park it, go on.
+                publisher.reopen()
+                unroutable = one_by_one(publisher, rows, messages, self._park)
+                if following is None:
+                    following = self._pending(last)
+                    following_messages = _messages(following)
             self._metrics.confirmed(len(rows), time.perf_counter() - sent_at, len(unroutable))
             self._save_checkpoint(last)
             self.published += len(rows)
@@ -162,6 +175,28 @@ class Relay:
             if not keep_going():
                 break
         return after
+
+    def _park(self, row: Any, reason: str) -> None:
+        """Record an event the broker refused for good; the relay goes on after it."""
+        parking.park(
+            self.store.engine,
+            self.name,
+            self.exchange,
+            int(row.position),
+            row.event_id,
+            row.type,
+            reason,
+        )
+        self._metrics.parked()
+        self._log.error(
+            "event.parked",
+            event_id=str(row.event_id),
+            event_type=row.type,
+            position=row.position,
+            correlation_id=row.correlation_id,
+            reason=reason,
+            hint="the broker refuses it for good; fix the cause, then 'eventbus parked retry'",
+        )
 
     def _log_unroutable(self, rows: Sequence[Any], unroutable: set[str]) -> None:
         if not unroutable:
@@ -347,8 +382,4 @@ class Relay:
 
 
 def _messages(rows: Sequence[Any]) -> list[tuple[str, Message]]:
-    return [(r.routing_key or r.type, _message(r)) for r in rows]
-
-
-def _message(row: Any) -> Message:
-    return encode_record(row.body if isinstance(row.body, bytes) else str(row.body).encode(), row)
+    return [message(r) for r in rows]

@@ -101,6 +101,12 @@ class Outbox:
         with reader(self.engine) as conn:
             return conn.execute(self._query.where(T.c.position > after).limit(limit)).all()
 
+    def at(self, positions: Sequence[int]) -> dict[int, Any]:
+        """The rows at ``positions`` (those that exist), by position."""
+        with reader(self.engine) as conn:
+            rows = conn.execute(self._query.where(T.c.position.in_(list(positions)))).all()
+        return {int(r.position): r for r in rows}
+
     def head(self) -> int:
         """``head_with_waiting``: where the last committed event is or will be."""
         with reader(self.engine) as conn:

@@ -23,13 +23,19 @@ import structlog
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from eventbus.errors import ConcurrencyError, DuplicateEventError, EventError, StoreError
-from eventbus.events.codec import decode_event, encode_payload, loads
+from eventbus.errors import (
+    ConcurrencyError,
+    DuplicateEventError,
+    EventError,
+    StoreError,
+)
+from eventbus.events.codec import decode_event, loads
 from eventbus.events.model import Event
 from eventbus.events.topics import topic_matches_any
 from eventbus.events.values import text_problem
 from eventbus.store import sequencer
 from eventbus.store.engine import create_engine
+from eventbus.store.limits import encoded_payload, max_event_bytes_setting
 from eventbus.store.tables import events as T
 
 log = structlog.get_logger("eventbus.store")
@@ -63,16 +69,25 @@ class EventStore:
     """Events persisted in SQL, read back by stream or in the global order.
 
     ``EventStore("sqlite:///app.db")`` or ``EventStore("postgresql+psycopg://...")``, or pass an
-    ``Engine``. The tables come from the migrations (``eventbus db upgrade``).
+    ``Engine``. The tables come from the migrations (``eventbus db upgrade``). ``append`` refuses
+    an event whose encoded payload is over ``max_event_bytes`` (default: the environment's
+    ``EVENTBUS_MAX_EVENT_BYTES``, else 16 MiB).
     """
 
-    def __init__(self, url_or_engine: str | Engine, *, page_size: int = 1000) -> None:
+    def __init__(
+        self,
+        url_or_engine: str | Engine,
+        *,
+        page_size: int = 1000,
+        max_event_bytes: int | None = None,
+    ) -> None:
+        if page_size < 1:
+            raise ValueError("page_size must be >= 1")
+        self.max_event_bytes = max_event_bytes_setting(max_event_bytes)
         if isinstance(url_or_engine, str):
             self.engine = create_engine(url_or_engine)
         else:
             self.engine = url_or_engine
-        if page_size < 1:
-            raise ValueError("page_size must be >= 1")
         self.page_size = page_size
         self._sequenced = self.engine.dialect.name != "sqlite"
 
@@ -111,12 +126,15 @@ class EventStore:
         ids = [e.event_id for e in batch]
         if len(set(ids)) != len(ids):
             raise StoreError(f"append to {stream_id!r}: the batch repeats an event id")
+        payloads = [encoded_payload(event, self.max_event_bytes) for event in batch]
         if connection is not None:
             conn = connection.connection() if isinstance(connection, Session) else connection
             for attempt in range(_RETRIES):
                 try:
                     with conn.begin_nested():
-                        return self._append(conn, stream_id, batch, expected_version, attempt > 0)
+                        return self._append(
+                            conn, stream_id, batch, payloads, expected_version, attempt > 0
+                        )
                 except sa.exc.IntegrityError:
                     if attempt == _RETRIES - 1:
                         raise
@@ -124,7 +142,9 @@ class EventStore:
         for attempt in range(_RETRIES):
             try:
                 with self.engine.begin() as conn:
-                    return self._append(conn, stream_id, batch, expected_version, attempt > 0)
+                    return self._append(
+                        conn, stream_id, batch, payloads, expected_version, attempt > 0
+                    )
             except sa.exc.IntegrityError:
                 # A concurrent writer took the same version or event id: look again.
                 if attempt == _RETRIES - 1:
@@ -137,13 +157,16 @@ class EventStore:
         conn: Connection,
         stream_id: str,
         batch: list[Event],
+        payloads: list[dict[str, Any]],
         expected_version: int | None,
         check_stored: bool,
     ) -> list[Event]:
         # Stored event ids are looked for only on a retry (after a unique violation) or a version
         # mismatch, the two ways a repeat shows.
         if self._sequenced and not check_stored and len(batch) == 1:
-            inserted = self._insert_at_current_version(conn, stream_id, batch, expected_version)
+            inserted = self._insert_at_current_version(
+                conn, stream_id, batch[0], payloads[0], expected_version
+            )
             if inserted is not None:
                 return inserted
         current = conn.execute(
@@ -167,13 +190,18 @@ class EventStore:
         result = []
         for offset, (event, position) in enumerate(zip(batch, positions, strict=True)):
             version = current + offset + 1
-            rows.append(_row(event, stream_id, version, position))
+            rows.append(_row(event, payloads[offset], stream_id, version, position))
             result.append(event.stored(stream_id, version, position))
         conn.execute(sa.insert(T), rows)
         return result
 
     def _insert_at_current_version(
-        self, conn: Connection, stream_id: str, batch: list[Event], expected_version: int | None
+        self,
+        conn: Connection,
+        stream_id: str,
+        event: Event,
+        payload: dict[str, Any],
+        expected_version: int | None,
     ) -> list[Event] | None:
         """PostgreSQL's fast path for one event: read the version and insert in one statement.
 
@@ -181,8 +209,7 @@ class EventStore:
         look again and say why. The statement is built once: building SQL per call cost more
         CPU than the database did.
         """
-        (event,) = batch
-        row = _row(event, stream_id, 0, None)
+        row = _row(event, payload, stream_id, 0, None)
         del row["position"], row["stream_version"]
         row["expected"] = expected_version
         version = conn.execute(_INSERT_ONE, row).scalar_one_or_none()
@@ -397,7 +424,9 @@ _INSERT_ONE = (
 )
 
 
-def _row(event: Event, stream_id: str, version: int, position: int | None) -> dict[str, Any]:
+def _row(
+    event: Event, payload: dict[str, Any], stream_id: str, version: int, position: int | None
+) -> dict[str, Any]:
     return {
         "position": position,
         "event_id": event.event_id,
@@ -408,7 +437,7 @@ def _row(event: Event, stream_id: str, version: int, position: int | None) -> di
         "occurred_at": event.occurred_at,
         "correlation_id": event.correlation_id,
         "causation_id": event.causation_id,
-        "payload": encode_payload(event),
+        "payload": payload,
         "routing_key": None if event.routing_key == event.type else event.routing_key,
     }
 

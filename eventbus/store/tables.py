@@ -166,3 +166,18 @@ paused = sa.Table(
     sa.Column("reason", sa.Text, nullable=True),
     sa.Column("paused_at", UTCDateTime, nullable=False),
 )
+
+# Events a relay passed over because the broker refuses them for good (too large, say): the
+# relay goes on with the next ones; ``eventbus parked retry`` publishes them once fixed.
+parked = sa.Table(
+    "eventbus_parked",
+    metadata,
+    sa.Column("relay", sa.String(255), primary_key=True),
+    sa.Column("position", sa.BigInteger, primary_key=True),
+    sa.Column("exchange", sa.String(255), nullable=False),
+    sa.Column("event_id", sa.Uuid, nullable=False),
+    sa.Column("event_type", sa.String(255), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("parked_at", UTCDateTime, nullable=False),
+)
