@@ -19,10 +19,13 @@ import sqlalchemy as sa
 
 from eventbus.bus.wire import decode
 from eventbus.errors import MalformedMessage
+from eventbus.events.model import Event
 from eventbus.logging import redact
 from eventbus.run.jobs import Job, Outcome, WorkerBase, attempt_of, log_fields
-from eventbus.subscribe.exactly_once import forget_processed, invoke
+from eventbus.subscribe.exactly_once import connection_lost, forget_processed, invoke
 from eventbus.subscribe.feed import Interrupted, apply_through
+
+_LOST = "the database connection was lost: nothing of the batch committed, it runs again"
 
 
 class Batches(WorkerBase):
@@ -133,10 +136,12 @@ class Batches(WorkerBase):
     def _run_safely(self, jobs: list[Job]) -> None:
         """Run a batch; a database error other than a lost connection is pinned on one event.
 
-        Connection errors are retried, then the messages go back to the broker. Any other
-        database error (a constraint an effect violates at commit, say) runs the batch again one
-        event per transaction: the event whose transaction fails is retried and dead-lettered
-        like a handler exception; the others commit.
+        Connection errors (the database away, or lost while a handler ran: ``invoke`` raises
+        that) are retried, then the messages go back to the broker; not a handler's failure,
+        nothing is counted against the events. Any other database error (a constraint an effect
+        violates at commit, say) runs the batch again one event per transaction: the event whose
+        transaction fails is retried and dead-lettered like a handler exception; the others
+        commit.
         """
         error: sa.exc.DBAPIError | None = None
         for attempt in range(1, 4):
@@ -145,19 +150,21 @@ class Batches(WorkerBase):
                 return
             except sa.exc.DBAPIError as exc:
                 error = exc
+                lost = bool(exc.connection_invalidated)
                 self._log.warning(
                     "worker.database_error",
                     error=redact(f"{type(exc).__name__}: {exc.orig}"),
                     attempt=attempt,
                     events=len(jobs),
+                    connection_lost=lost,
+                    **({"hint": _LOST} if lost else {}),
                 )
                 if not connectivity(exc):
                     break
-                time.sleep(0.5 * attempt)
-        else:
-            for job in jobs:
-                job.outcome = Outcome.REQUEUE
-            return
+                if self._stop.wait(0.5 * attempt) or attempt == 3:
+                    for job in jobs:  # stopping, or still away: back to the broker
+                        job.outcome = Outcome.REQUEUE
+                    return
         if len(jobs) == 1:
             (job,) = jobs
             job.outcome, job.exception = Outcome.RETRY, error
@@ -174,38 +181,24 @@ class Batches(WorkerBase):
                 blocked.add(key)
 
     def _run_handlers(self, jobs: list[Job]) -> None:
+        """Record the batch as processed, run its handlers, commit; then count what ran.
+
+        Once the worker is stopping, the jobs not started yet are not run: their processed
+        records are taken back and they go back to the broker (``Outcome.REQUEUE``, or parked
+        and dropped by a partition's lane); what ran commits.
+        """
         now = dt.datetime.now(dt.UTC)
         for job in jobs:
             job.outcome, job.reason, job.exception = Outcome.NONE, "", None
-        with self.store.engine.connect() as db, db.begin():
-            fresh: set[Any] = set()
-            by_handler: dict[str, list[Job]] = {}
-            for job in jobs:
-                by_handler.setdefault(job.handler.queue, []).append(job)
-            for queue_name, group in by_handler.items():
-                events = [j.event for j in group if j.event is not None]
-                inserted = self._insert_processed(db, queue_name, events, now)
-                fresh.update((queue_name, event_id) for event_id in inserted)
-            blocked: set[tuple[str, int]] | None = None  # partitions with a failed event
-            for job in jobs:
-                assert job.event is not None
-                key = (job.handler.queue, job.event.event_id)
-                if key not in fresh:
-                    job.outcome = Outcome.ACK
-                    job.reason = "duplicate"
-                    continue
-                fresh.discard(key)  # the same event twice in one batch runs once
-                if job.partition is not None:
-                    partition = (job.handler.queue, job.partition)
-                    if blocked and partition in blocked:  # waits for the failed one, in order
-                        forget_processed(db, job.handler.queue, [job.event])
-                        job.outcome = Outcome.HELD
-                        continue
-                    self._run_one(db, job)
-                    if job.outcome is Outcome.RETRY:
-                        blocked = (blocked or set()) | {partition}
-                    continue
-                self._run_one(db, job)
+        with self.store.engine.connect() as db:
+            try:
+                with db.begin():
+                    self._record_and_run(db, jobs, now)
+            except sa.exc.SQLAlchemyError as exc:  # a commit on a connection lost unnoticed
+                lost = connection_lost(db, exc)
+                if lost is None or lost is exc:
+                    raise
+                raise lost from exc
         processed: dict[str, int] = {}
         for job in jobs:  # committed
             if job.reason == "duplicate":
@@ -217,6 +210,45 @@ class Batches(WorkerBase):
                 processed[job.handler.queue] = processed.get(job.handler.queue, 0) + 1
         for queue, count in processed.items():  # one increment per batch, not per event
             self._metrics[queue].processed(count)
+
+    def _record_and_run(self, db: sa.Connection, jobs: list[Job], now: dt.datetime) -> None:
+        """In ``db``'s transaction: record the jobs as processed, run the fresh ones in order
+        until the worker is stopping."""
+        fresh: set[Any] = set()
+        by_handler: dict[str, list[Job]] = {}
+        for job in jobs:
+            by_handler.setdefault(job.handler.queue, []).append(job)
+        for queue_name, group in by_handler.items():
+            events = [j.event for j in group if j.event is not None]
+            inserted = self._insert_processed(db, queue_name, events, now)
+            fresh.update((queue_name, event_id) for event_id in inserted)
+        blocked: set[tuple[str, int]] | None = None  # partitions with a failed event
+        unstarted: dict[str, list[Event]] = {}
+        for job in jobs:
+            assert job.event is not None
+            key = (job.handler.queue, job.event.event_id)
+            if key not in fresh:
+                job.outcome = Outcome.ACK
+                job.reason = "duplicate"
+                continue
+            fresh.discard(key)  # the same event twice in one batch runs once
+            if self._stop.is_set():  # not started: its record goes, the message goes back
+                unstarted.setdefault(job.handler.queue, []).append(job.event)
+                job.outcome = Outcome.REQUEUE
+                continue
+            if job.partition is not None:
+                partition = (job.handler.queue, job.partition)
+                if blocked and partition in blocked:  # waits for the failed one, in order
+                    forget_processed(db, job.handler.queue, [job.event])
+                    job.outcome = Outcome.HELD
+                    continue
+                self._run_one(db, job)
+                if job.outcome is Outcome.RETRY:
+                    blocked = (blocked or set()) | {partition}
+                continue
+            self._run_one(db, job)
+        for queue_name, events in unstarted.items():
+            forget_processed(db, queue_name, events)
 
     def _run_one(self, db: Any, job: Job) -> None:
         assert job.event is not None

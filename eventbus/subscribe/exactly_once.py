@@ -2,9 +2,9 @@
 its effect happen once: the step live delivery (the worker), catch-up and replay share.
 
 The handler runs in a savepoint: an exception rolls back what it wrote and is returned, not
-raised. Processed records say which events are new to a handler, checkpoints (read under a row
-lock) a subscriber's place in the global order, failure records what it gave up on.
-Details: docs/replay.md
+raised (a lost connection is raised: the database went away, the transaction with it).
+Processed records say which events are new to a handler, checkpoints (read under a row lock) a
+subscriber's place in the global order, failure records what it gave up on. Details: docs/replay.md
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def invoke(
 ) -> BaseException | None:
     """Run ``handler`` on ``event`` in ``db``'s transaction; the exception it raised, or None.
 
-    What the handler wrote through ``ctx.connection`` is rolled back if it raised.
+    What the handler wrote through ``ctx.connection`` is rolled back if it raised. If ``db``'s
+    connection was lost meanwhile, that is raised instead (see ``connection_lost``).
     """
     values = (
         handler.queue,
@@ -94,11 +95,35 @@ def invoke(
         if ctx._savepoint is not None and ctx._savepoint.is_active:
             ctx._savepoint.commit()
     except Exception as exc:
+        lost = connection_lost(db, exc)
+        if lost is exc:
+            raise
+        if lost is not None:  # the database went away under the handler: not its failure
+            raise lost from exc
         if ctx._savepoint is not None and ctx._savepoint.is_active:
             ctx._savepoint.rollback()
         ctx.log.warning("event.failed", error=redact(describe(exc)))
         return exc
     return None
+
+
+class ConnectionLost(sa.exc.OperationalError):
+    """A transaction's connection was lost; ``orig`` is what was raised once it was gone (a
+    ``PendingRollbackError``, say, from a handler that caught the disconnect and went on)."""
+
+
+def connection_lost(db: Connection, exc: BaseException) -> sa.exc.DBAPIError | None:
+    """What to raise for ``exc`` if ``db``'s connection was lost under it; None if it was not.
+
+    A lost connection is the database going away, not an error of the handler or of its
+    statements: the whole transaction is gone, and the caller waits for the database and runs
+    it again (a ``DBAPIError`` whose ``connection_invalidated`` is true).
+    """
+    if not db.invalidated:
+        return None
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return exc
+    return ConnectionLost(None, None, exc, connection_invalidated=True)
 
 
 # The fields invoke binds for the handler's run, in the order of its ``values``.
