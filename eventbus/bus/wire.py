@@ -80,12 +80,27 @@ def encode_record(body: bytes, envelope: Any) -> Message:
     return body, properties, headers
 
 
-def _text(value: Any) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, bytes | bytearray):
+def _text(value: Any, what: str, *context: object) -> str | None:
+    """A property or header as text (bytes decoded leniently, numbers and times as ``str``).
+
+    A table or an array (which ``str`` would render recursively) is ``MalformedMessage``: the
+    reason names ``what`` after the ``context`` (type name, event id) it has.
+    """
+    if value is None or type(value) is str:
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value).decode("utf-8", "replace")
-    return str(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, Mapping | list | tuple | set | frozenset):
+        shown = "a table" if isinstance(value, Mapping) else "an array"
+    else:
+        try:
+            return str(value)
+        except ValueError:  # an integer of more digits than str() converts
+            shown = "a number too long to show"
+    reason = f"{what} is {shown}, not text"
+    raise MalformedMessage(f"{' '.join(map(str, context))}: {reason}" if context else reason)
 
 
 def decode(body: bytes | str, properties: Mapping[str, Any], headers: Mapping[str, Any]) -> Event:
@@ -96,11 +111,11 @@ def decode(body: bytes | str, properties: Mapping[str, Any], headers: Mapping[st
     """
     undecodable = headers.get(UNDECODABLE)
     if undecodable:
-        raise MalformedMessage(str(undecodable))
-    type_name = _text(properties.get("type"))
+        raise MalformedMessage(_text(undecodable, f"header {UNDECODABLE!r}") or UNDECODABLE)
+    type_name = _text(properties.get("type"), "the 'type' property")
     if not type_name:
         raise MalformedMessage("no 'type' property: not an eventbus event")
-    message_id = _text(properties.get("message_id"))
+    message_id = _text(properties.get("message_id"), "the 'message_id' property", type_name)
     if not message_id:
         raise MalformedMessage(f"{type_name}: no 'message_id' property (the event id)")
     try:
@@ -109,7 +124,7 @@ def decode(body: bytes | str, properties: Mapping[str, Any], headers: Mapping[st
         raise MalformedMessage(
             f"{type_name}: message_id {message_id!r} is not a UUID (the event id)"
         ) from None
-    content_type = _text(properties.get("content_type"))
+    content_type = _text(properties.get("content_type"), "'content_type'", type_name)
     if content_type not in (None, "", CONTENT_TYPE):
         raise MalformedMessage(
             f"{type_name}: content_type {content_type!r}, expected {CONTENT_TYPE}"
@@ -128,7 +143,13 @@ def decode(body: bytes | str, properties: Mapping[str, Any], headers: Mapping[st
         value = headers.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise MalformedMessage(f"{type_name} {event_id}: header {name!r} is not an integer")
+        if value is not None and not -(2**63) <= value < 2**63:  # what AMQP and the store carry
+            raise MalformedMessage(f"{type_name} {event_id}: header {name!r} is beyond 64 bits")
     occurred_at = _occurred_at(type_name, event_id, properties, headers)
+    context = (type_name, event_id)
+    correlation_id = _text(properties.get("correlation_id"), "'correlation_id'", *context)
+    causation_id = _text(headers.get("causation_id"), "header 'causation_id'", *context)
+    stream_id = _text(headers.get("stream_id"), "header 'stream_id'", *context)
     try:
         return decode_event(
             type_name,
@@ -136,9 +157,9 @@ def decode(body: bytes | str, properties: Mapping[str, Any], headers: Mapping[st
             payload,
             event_id=event_id,
             occurred_at=occurred_at,
-            correlation_id=_text(properties.get("correlation_id")),
-            causation_id=_text(headers.get("causation_id")),
-            stream_id=_text(headers.get("stream_id")),
+            correlation_id=correlation_id,
+            causation_id=causation_id,
+            stream_id=stream_id,
             stream_version=headers.get("stream_version"),
             position=headers.get("position"),
         )
@@ -156,7 +177,7 @@ def _occurred_at(
     header = headers.get("occurred_at")
     if isinstance(header, dt.datetime):  # an AMQP timestamp field: seconds, UTC
         return header if header.tzinfo else header.replace(tzinfo=dt.UTC)
-    raw = _text(header)
+    raw = _text(header, "header 'occurred_at'", type_name, event_id)
     if raw:
         try:
             moment = dt.datetime.fromisoformat(raw)
@@ -176,8 +197,9 @@ def _occurred_at(
         try:
             return dt.datetime.fromtimestamp(stamp, dt.UTC)
         except (ValueError, OverflowError, OSError):
+            shown = stamp if abs(stamp) < 2**64 or isinstance(stamp, float) else "beyond 64 bits"
             raise MalformedMessage(
-                f"{type_name} {event_id}: 'timestamp' property {stamp} is not a time in seconds "
+                f"{type_name} {event_id}: 'timestamp' property {shown} is not a time in seconds "
                 "(and there is no 'occurred_at' header)"
             ) from None
     raise MalformedMessage(

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from eventbus.cli.status import BROKER_HELP, DATABASE_HELP, open_store
 from eventbus.logging import redact
 from eventbus.settings import Settings
+
+if TYPE_CHECKING:
+    from eventbus.ops.deadletters import DeadLetter, Peek
 
 T = TypeVar("T")
 
@@ -78,7 +81,7 @@ def list_(
 
     QUEUE is a handler's queue (<service>.<handler>) or its .dead queue.
     """
-    from eventbus.ops.deadletters import peek, printable
+    from eventbus.ops.deadletters import peek
 
     url = Settings.from_env(broker_url=broker_url).broker_url
     if queue is None:
@@ -86,14 +89,27 @@ def list_(
         return
     seen = _run("list", lambda: peek(url, queue, limit=limit))
     if as_json:
-        letters = [letter.to_dict(body_limit=1000) for letter in seen.letters]
-        out = {"queue": seen.queue, "dead_letter_queue": seen.dead_letter_queue}
-        click.echo(json.dumps({**out, "total": seen.total, "messages": letters}, indent=2))
+        click.echo(list_json(seen))
         return
+    for line in list_lines(seen):
+        click.echo(line)
+
+
+def list_json(seen: Peek) -> str:
+    """What ``list QUEUE --json`` prints: strict JSON (no NaN), bodies cut at 1,000 characters."""
+    letters = [letter.to_dict(body_limit=1000) for letter in seen.letters]
+    out = {"queue": seen.queue, "dead_letter_queue": seen.dead_letter_queue}
+    return json.dumps({**out, "total": seen.total, "messages": letters}, indent=2)
+
+
+def list_lines(seen: Peek) -> list[str]:
+    """What ``list QUEUE`` prints: a line for the count, then a table; escaped for a terminal."""
+    from eventbus.ops.deadletters import printable
+
     shown = f" (the first {len(seen.letters)})" if len(seen.letters) < seen.total else ""
-    click.echo(f"{seen.dead_letter_queue}: {_count(seen.total)}{shown}")
+    lines = [f"{printable(seen.dead_letter_queue)}: {_count(seen.total)}{shown}"]
     if not seen.letters:
-        return
+        return lines
     rows = [
         (
             str(i),
@@ -108,11 +124,13 @@ def list_(
     header = ("#", "ID", "TYPE", "ATTEMPTS", "FAILED AT", "REASON")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    click.echo(
-        f"show one: eventbus dead-letters show {seen.queue} ID; send back: "
-        f"eventbus dead-letters retry {seen.queue} [--id ID]"
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    queue = printable(seen.queue)
+    lines.append(
+        f"show one: eventbus dead-letters show {queue} ID; send back: "
+        f"eventbus dead-letters retry {queue} [--id ID]"
     )
+    return lines
 
 
 def _summary(broker_url: str, database_url: str | None, as_json: bool) -> None:
@@ -163,27 +181,38 @@ def show(queue: str, letter_id: str, broker_url: str | None, full: bool, as_json
     letters = _run("show", lambda: find(url, queue, letter_id))
     dead = queues_of(queue)[1]
     if not letters:
-        click.echo(f"eventbus dead-letters show: no dead letter {letter_id} in {dead}", err=True)
+        shown = f"no dead letter {printable(letter_id)} in {printable(dead)}"
+        click.echo(f"eventbus dead-letters show: {shown}", err=True)
         sys.exit(1)
     limit = None if full else 4000
     if as_json:
         click.echo(json.dumps([letter.to_dict(body_limit=limit) for letter in letters], indent=2))
         return
+    for line in show_lines(letters, dead, limit):
+        click.echo(line)
+
+
+def show_lines(letters: Sequence[DeadLetter], dead: str, limit: int | None) -> list[str]:
+    """What ``show`` prints for ``letters`` of queue ``dead``, bodies cut at ``limit``: each
+    letter as ``to_dict`` has it (JSON-safe, bounded), escaped for a terminal."""
+    from eventbus.ops.deadletters import printable
+
+    lines = []
     for n, letter in enumerate(letters, start=1):
-        # Shown as to_dict has it (JSON-safe, bounded), escaped for the terminal.
         shown = letter.to_dict(body_limit=limit)
         of = f" ({n} of {len(letters)} with this id)" if len(letters) > 1 else ""
-        click.echo(f"dead letter {printable(letter.id)} in {dead}{of}")
-        click.echo(f"  reason: {printable(letter.reason)}")
+        lines.append(f"dead letter {printable(letter.id)} in {printable(dead)}{of}")
+        lines.append(f"  reason: {printable(letter.reason)}")
         for part in ("properties", "headers"):
-            click.echo(f"{part}:")
+            lines.append(f"{part}:")
             for key, value in shown[part].items():
-                click.echo(f"  {printable(key)}: {printable(_value(value))}")
-        note = f"; {shown['body_note']}" if shown.get("body_note") else ""
-        click.echo(f"body ({shown['body_format']}, {len(letter.body):,} bytes{note}):")
-        click.echo(printable(shown["body"]))
-        if shown["body_truncated"]:
-            click.echo(f"... truncated at {limit:,} characters; --full shows all")
+                lines.append(f"  {printable(key)}: {printable(_value(value))}")
+        note = f"; {printable(shown['body_note'])}" if shown.get("body_note") else ""
+        lines.append(f"body ({shown['body_format']}, {len(letter.body):,} bytes{note}):")
+        lines.append(printable(shown["body"]))
+        if shown["body_truncated"] and limit is not None:
+            lines.append(f"... truncated at {limit:,} characters; --full shows all")
+    return lines
 
 
 @dead_letters.command()

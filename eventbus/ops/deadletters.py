@@ -28,6 +28,7 @@ from typing import Any
 
 import amqp.exceptions
 
+from eventbus.bus.amqp import UNDECODABLE
 from eventbus.bus.runtime import connect
 from eventbus.bus.wire import PROPERTIES, Message, Publisher, is_amqp
 from eventbus.errors import DeadLetterError
@@ -90,12 +91,22 @@ class DeadLetter:
         message = _text(self.headers.get("x-exception-message"))
         if exception:
             return f"{exception}: {message}" if message else exception
-        return "unknown (no x-dead-reason or x-exception header)"
+        return _text(self.headers.get(UNDECODABLE)) or (
+            "unknown (no x-dead-reason or x-exception header)"
+        )
+
+    @property
+    def unreadable(self) -> str | None:
+        """The error that kept the AMQP client from reading its properties (they are in its
+        headers as hex then), None if it read them; ``eventbus.bus.amqp`` says so."""
+        return _text(self.properties.get(UNDECODABLE))
 
     @property
     def attempts(self) -> int | None:
         value = self.headers.get("x-attempts")
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
+        if isinstance(value, int) and not isinstance(value, bool) and _fits(value):
+            return value
+        return None
 
     @property
     def failed_at(self) -> str | None:
@@ -213,12 +224,27 @@ def retry(broker_url: str, queue: str, *, ids: Collection[str] | None = None) ->
             )
         taken = list(_take(channel, dead, total))
         chosen = [(tag, letter) for tag, letter in taken if wanted is None or letter.id in wanted]
+        for _, letter in chosen:
+            if letter.unreadable:  # republished, it would lose what could not be read
+                raise DeadLetterError(
+                    f"dead letter {letter.id}: the AMQP client cannot read its properties "
+                    f"({letter.unreadable}), and a retry would send it without them; it stays "
+                    f"in {dead}, as do the others (purge it with --id, then retry)"
+                )
         publisher = Publisher(conn, "")
         done = 0
         try:
             for start in range(0, len(chosen), _WINDOW):
                 window = chosen[start : start + _WINDOW]
-                returned = publisher.publish([(origin, republished(ltr)) for _, ltr in window])
+                messages = [(origin, republished(ltr)) for _, ltr in window]
+                try:
+                    returned = publisher.publish(messages)
+                except RecursionError:  # py-amqp writes header tables recursively
+                    raise DeadLetterError(
+                        f"a dead letter's headers are nested too deep for the AMQP client to "
+                        f"write; {done} were retried, the others stay in {dead} (some may "
+                        "have reached the queue too: handlers drop duplicates by event id)"
+                    ) from None
                 if returned:  # the queue vanished meanwhile: keep the dead copies
                     raise DeadLetterError(
                         f"queue {origin} refused {len(returned)} messages (deleted meanwhile?); "
@@ -277,8 +303,13 @@ def letter_id(message_id: Any, body: bytes) -> str:
 def json_safe(value: Any, _depth: int = 0) -> Any:
     """A header or property value as JSON can carry it (bytes as text or hex, times as ISO,
     NaN and infinities as text); tables and arrays deeper than ``VALUE_DEPTH`` are summarised."""
-    if value is None or isinstance(value, bool | int | str):
+    if value is None or isinstance(value, bool | str):
         return value
+    if isinstance(value, int):  # beyond 64 bits (no AMQP client sends those): as text
+        if _fits(value):
+            return value
+        bits = value.bit_length()
+        return str(value) if bits <= 4096 else f"(an integer of {bits:,} bits: not shown)"
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, bytes | bytearray | memoryview):
@@ -394,12 +425,20 @@ def _counts(conn: Any, name: str) -> tuple[int, int] | None:
 
 
 def _take(channel: Any, dead: str, count: int) -> Iterator[tuple[int, DeadLetter]]:
-    """Up to ``count`` messages from the head of ``dead``, unacked: (delivery tag, letter)."""
-    for _ in range(count):
+    """Up to ``count`` messages from the head of ``dead``, unacked: (delivery tag, letter).
+
+    Raises ``DeadLetterError`` at a message whose headers the AMQP client could not read for
+    their depth (their hex would say little): the caller takes none, all stay in place."""
+    for taken in range(count):
         message = channel.basic_get(dead, no_ack=False)
         if message is None:
             return
         properties = dict(message.properties)
+        if properties.get(UNDECODABLE) == RecursionError.__name__:
+            raise DeadLetterError(
+                f"a message's headers are nested too deep for the AMQP client to read (message "
+                f"{taken + 1} of {dead}); it stays in the queue, as do the others"
+            )
         headers = dict(properties.pop("application_headers", None) or {})
         body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
         yield (
@@ -418,6 +457,11 @@ def _bounded(total: int, limit: int | None) -> int:
     return total if limit is None else min(total, max(limit, 0))
 
 
+def _fits(value: int) -> bool:
+    """``value`` is within the 64-bit range AMQP carries."""
+    return -(2**63) <= value < 2**64
+
+
 def _text(value: Any) -> str | None:
     if value is None:
         return None
@@ -425,4 +469,6 @@ def _text(value: Any) -> str | None:
         return value.decode("utf-8", "replace")
     if isinstance(value, dict | list | tuple):  # a table where text belongs: as bounded JSON
         return json.dumps(json_safe(value))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(json_safe(value))  # str() refuses integers of more than 4,300 digits
     return str(value)
