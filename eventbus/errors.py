@@ -97,6 +97,12 @@ def _flatten(messages: Any) -> str:
     return str(messages)
 
 
+class NotReady(EventbusError):
+    """A server or database refuses for good: a login refused, no such database, tables never
+    created. Retrying cannot help; the message is one line naming the problem and the fix
+    (``eventbus`` commands print it and exit 3)."""
+
+
 class BusError(EventbusError):
     """The bus (relay, subscriptions, workers) refused or failed an operation."""
 

@@ -1,5 +1,6 @@
-"""``eventbus run`` and ``eventbus relay`` turn settings that cannot work into one line and an exit
-code: 2 for a URL that cannot be used at all, 3 for a database or broker that refuses for good."""
+"""Every command that takes a broker or database URL turns settings that cannot work into one line
+and an exit code: 2 for a URL that cannot be used at all, 3 for a database or broker that refuses
+for good (the line names the fix). Once running: tests/test_permanent_errors.py."""
 
 from __future__ import annotations
 
@@ -11,9 +12,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import fresh_pg_database
+from eventbus.store.migrate import upgrade
+from tests.conftest import PG_ADMIN_URL, fresh_pg_database
 
 ROOT = Path(__file__).resolve().parent.parent
+
+COMMANDS = {
+    "run": ["run", "examples.quickstart"],
+    "relay": ["relay"],
+    "replay": ["replay", "examples.quickstart", "--no-progress"],  # a service: declares queues
+    "respond": ["respond", "tests.rpc_app"],  # a broker only
+    "dashboard": ["dashboard", "--port", "0"],
+    "status": ["status"],
+}
+WITH_DATABASE = [name for name in COMMANDS if name != "respond"]
+NOT_RETRYING = ["replay", "dashboard", "status"]  # a database that does not answer: exit 1
 
 
 def eventbus(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -38,50 +51,100 @@ def assert_one_line(result: subprocess.CompletedProcess[str], code: int, *words:
         assert word in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("command", [["run", "examples.quickstart"], ["relay"]])
-def test_an_unknown_broker_transport_is_one_line_and_exit_2(
-    tmp_path: Path, command: list[str]
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_unknown_broker_transport_is_one_line_and_exit_2(tmp_path: Path, command: str) -> None:
+    result = eventbus(tmp_path, *COMMANDS[command], "--broker-url", "foo://")
+    assert_one_line(
+        result, 2, f"eventbus {command}: ", "--broker-url 'foo://'", "No such transport"
+    )
+
+
+@pytest.mark.parametrize("command", WITH_DATABASE)
+def test_a_database_url_that_is_no_url_is_one_line_and_exit_2(
+    tmp_path: Path, command: str, amqp_url: str
 ) -> None:
-    result = eventbus(tmp_path, *command, "--broker-url", "foo://")
-    assert_one_line(result, 2, "--broker-url 'foo://'", "No such transport: foo")
+    args = ["--database-url", "not-a-url", "--broker-url", amqp_url]
+    result = eventbus(tmp_path, *COMMANDS[command], *args)
+    assert_one_line(result, 2, f"eventbus {command}: ", "--database-url 'not-a-url'")
 
 
-def test_a_database_url_that_is_no_url_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    result = eventbus(tmp_path, "run", "examples.quickstart", "--database-url", "not-a-url")
-    assert_one_line(result, 2, "--database-url 'not-a-url'")
+def test_a_setting_out_of_range_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    result = eventbus(tmp_path, "run", "examples.quickstart", "--exchange", "")
+    assert_one_line(result, 2, "eventbus run: ", "exchange must not be empty")
 
 
 def test_a_missing_sqlite_database_is_not_created_and_says_how_to_make_it(tmp_path: Path) -> None:
-    result = eventbus(tmp_path, "run", "examples.quickstart")
+    result = eventbus(tmp_path, "run", "examples.quickstart")  # the defaults: eventbus.db
     assert_one_line(result, 3, "no database at eventbus.db", "eventbus db upgrade")
     assert not (tmp_path / "eventbus.db").exists()
 
 
-def test_a_sqlite_database_never_upgraded_says_run_db_upgrade(tmp_path: Path) -> None:
-    sqlite3.connect(tmp_path / "app.db").close()
-    url = f"sqlite:///{tmp_path / 'app.db'}"
-    result = eventbus(tmp_path, "run", "examples.quickstart", "--database-url", url)
-    assert_one_line(result, 3, "no eventbus tables", "eventbus db upgrade")
+@pytest.mark.parametrize("command", WITH_DATABASE)
+def test_a_missing_or_never_upgraded_sqlite_database_says_run_db_upgrade(
+    tmp_path: Path, command: str, amqp_url: str
+) -> None:
+    missing = f"sqlite:///{tmp_path / 'missing.db'}"
+    result = eventbus(
+        tmp_path, *COMMANDS[command], "--database-url", missing, "--broker-url", amqp_url
+    )
+    assert_one_line(result, 3, f"eventbus {command}: ", "no database at", "eventbus db upgrade")
+    assert not (tmp_path / "missing.db").exists()
+
+    sqlite3.connect(tmp_path / "empty.db").close()
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    result = eventbus(
+        tmp_path, *COMMANDS[command], "--database-url", empty, "--broker-url", amqp_url
+    )
+    assert_one_line(result, 3, "eventbus tables are missing", "run 'eventbus db upgrade'")
 
 
 @pytest.mark.postgres
-def test_a_postgresql_database_never_upgraded_or_missing_exits_3(tmp_path: Path) -> None:
-    with fresh_pg_database("startup", migrate=False) as url:
-        result = eventbus(tmp_path, "run", "examples.quickstart", "--database-url", url)
-        assert_one_line(result, 3, "no eventbus tables", "eventbus db upgrade")
-    result = eventbus(tmp_path, "run", "examples.quickstart", "--database-url", url)  # dropped
-    assert_one_line(result, 3, "cannot use the database", "does not exist")
-
-
-def test_a_broker_refusing_the_login_exits_3_without_the_password(
-    tmp_path: Path, amqp_url: str
+@pytest.mark.parametrize("command", WITH_DATABASE)
+def test_a_postgresql_database_never_upgraded_missing_or_refusing_exits_3(
+    tmp_path: Path, command: str, amqp_url: str
 ) -> None:
-    sqlite3.connect(tmp_path / "app.db").close()
+    def attempt(url: str) -> subprocess.CompletedProcess[str]:
+        return eventbus(
+            tmp_path, *COMMANDS[command], "--database-url", url, "--broker-url", amqp_url
+        )
+
+    with fresh_pg_database("startup", migrate=False) as url:
+        result = attempt(url)
+        assert_one_line(result, 3, "eventbus tables are missing", "run 'eventbus db upgrade'")
+    result = attempt(url)  # dropped now
+    assert_one_line(result, 3, "the database does not exist: create it", "does not exist")
+    stranger = PG_ADMIN_URL.replace("://postgres@", "://no_such_role_x:a-secret@")
+    assert stranger != PG_ADMIN_URL, "the test database URL has no postgres user to replace"
+    result = attempt(stranger)
+    assert_one_line(result, 3, "the database refuses the login", "check the user and password")
+    assert "a-secret" not in result.stderr
+
+
+@pytest.mark.parametrize("command", NOT_RETRYING)
+def test_a_database_that_does_not_answer_is_one_line_and_exit_1(
+    tmp_path: Path, command: str, amqp_url: str
+) -> None:
+    down = "postgresql+psycopg://postgres@127.0.0.1:1/nothing"  # nothing listens on port 1
+    result = eventbus(
+        tmp_path, *COMMANDS[command], "--database-url", down, "--broker-url", amqp_url
+    )
+    assert_one_line(result, 1, f"eventbus {command}: cannot read the store at", "port 1")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_broker_refusing_the_login_exits_3_without_the_password(
+    tmp_path: Path, amqp_url: str, command: str
+) -> None:
+    database = f"sqlite:///{tmp_path / 'app.db'}"
+    upgrade(database)
     wrong = amqp_url.replace("guest:guest@", "guest:not-the-password@")
     assert wrong != amqp_url, "the test broker URL has no guest:guest login to spoil"
-    result = eventbus(
-        tmp_path, "run", "examples.quickstart", "--broker-url", wrong, "--database-url",
-        f"sqlite:///{tmp_path / 'app.db'}",
+    args = [*COMMANDS[command], "--broker-url", wrong]
+    if command in WITH_DATABASE:
+        args += ["--database-url", database]
+    result = eventbus(tmp_path, *args)
+    assert_one_line(
+        result, 3, f"eventbus {command}: cannot use the broker at", "ACCESS_REFUSED",
+        "check the user and password of the broker URL",
     )  # fmt: skip
-    assert_one_line(result, 3, "ACCESS_REFUSED")
     assert "not-the-password" not in result.stderr + result.stdout

@@ -15,17 +15,20 @@ import dataclasses
 import functools
 import os
 import random
+import re
 import select
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Self
 
+import amqp.exceptions
 import kombu
 import kombu.exceptions
 
 from eventbus.bus import amqp as _amqp
-from eventbus.errors import PublishError
+from eventbus.errors import NotReady, PublishError
 from eventbus.logging import redact
 
 
@@ -33,14 +36,21 @@ class Backoff:
     """Capped exponential backoff with jitter, logged as ``event`` before each wait.
 
     ``wait`` after a failure; ``reset`` once the thing works again (connected, consuming), so
-    that the next outage starts with a short wait again.
+    that the next outage starts with a short wait again. An error retrying cannot cure
+    (``permanent``) is tried ``give_up_after`` times in a row, then ``wait`` sets ``stop`` and
+    raises ``NotReady``. In a row: each within ``within`` s of the retry before, no other failure
+    in between; a ``reset`` does not break it (connected, then refused by the database: no cure).
     """
 
-    def __init__(self, log: Any, event: str, max_delay: float) -> None:
+    within = 60.0  # seconds: a permanent failure later than that after the last retry is a first
+
+    def __init__(self, log: Any, event: str, max_delay: float, give_up_after: int = 5) -> None:
         self.log = log
         self.event = event
         self.max_delay = max_delay
-        self.failures = 0
+        self.give_up_after = give_up_after
+        self.failures = self.for_good = 0  # for_good: permanent failures in a row
+        self._retried_at = float("-inf")  # when the last wait ended
 
     def reset(self) -> None:
         self.failures = 0
@@ -48,15 +58,66 @@ class Backoff:
     def wait(self, exc: BaseException, stop: threading.Event) -> None:
         """Log ``exc`` and wait the next delay, or until ``stop`` is set."""
         self.failures += 1
+        fix = permanent(exc)
+        in_a_row = time.monotonic() - self._retried_at <= self.within
+        self.for_good = (self.for_good + 1 if in_a_row else 1) if fix else 0
+        error = redact(f"{type(exc).__name__}: {exc}")
+        fields = {"permanent": f"{self.for_good}/{self.give_up_after}", "fix": fix} if fix else {}
+        if fix and self.for_good >= self.give_up_after:
+            gave_up, attempt = f"{self.event.split('.')[0]}.gave_up", self.failures
+            self.log.error(gave_up, error=error, attempt=attempt, **fields)
+            stop.set()  # its owner is done: helper threads waiting on ``stop`` end too
+            line = f"{fix} ({first_line(exc)}); gave up after {self.for_good} attempts in a row"
+            raise NotReady(redact(line)) from exc
         delay = min(self.max_delay, 0.1 * 2 ** min(self.failures, 10))
         delay *= random.uniform(0.5, 1.0)
         self.log.warning(
-            self.event,
-            error=redact(f"{type(exc).__name__}: {exc}"),
-            attempt=self.failures,
-            retry_in=round(delay, 2),
+            self.event, error=error, attempt=self.failures, retry_in=round(delay, 2), **fields
         )
         stop.wait(delay)
+        self._retried_at = time.monotonic()
+
+
+_TABLES = "the eventbus tables are missing or out of date: run 'eventbus db upgrade'"
+# What a database error says (PostgreSQL's SQLSTATE first, then the driver's text) -> the fix.
+_DATABASE_FIXES = (
+    (r'^42P01|^42703|no such (table|column)|(relation|column) ".*" does not exist', _TABLES),
+    (r'^3D000|database ".*" does not exist', "the database does not exist: create it, then "
+     "run 'eventbus db upgrade'"),
+    (r'^28P01|^28000|password authentication failed|role ".*" does not exist', "the database "
+     "refuses the login: check the user and password of the database URL"),
+)  # fmt: skip
+
+
+def permanent(exc: BaseException) -> str | None:
+    """What to fix when ``exc`` is an error that retrying cannot cure (a login the broker or the
+    database refuses, a database or table that does not exist); None for an outage."""
+    import sqlalchemy.exc
+
+    error: BaseException | None = exc
+    while error is not None:
+        if isinstance(error, amqp.exceptions.AccessRefused):
+            if "login was refused" in str(error).lower():
+                return "the broker refuses the login: check the user and password of the broker URL"
+            return "the broker refuses access: check the user's permissions (rabbitmqctl)"
+        if isinstance(error, amqp.exceptions.NotAllowed):  # vhost not found, access refused
+            return "the broker refuses the virtual host: check the broker URL's vhost and the user"
+        if isinstance(error, sqlalchemy.exc.DBAPIError):
+            orig = error.orig
+            code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None) or ""
+            fix = next((f for p, f in _DATABASE_FIXES if re.search(p, f"{code} {orig}")), None)
+            if fix is _TABLES and "eventbus_" not in str(error):  # not an eventbus statement
+                return "a table or column is missing: run the migrations ('eventbus db upgrade')"
+            return fix
+        error = error.__cause__
+    return None
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: message`` of ``exc`` (of a driver's error, without SQL), its first line only."""
+    error = getattr(exc, "orig", None) or exc
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 @functools.cache
@@ -338,7 +399,9 @@ class Runtime:
             while not self._stop.is_set():
                 try:
                     self._serve()
-                except self._recoverable() as exc:
+                except Exception as exc:
+                    if not isinstance(exc, self._recoverable()) and permanent(exc) is None:
+                        raise
                     self.ready.clear()
                     with self._lock:
                         self._generation += 1  # results for the lost channel are dropped

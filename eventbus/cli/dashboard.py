@@ -8,9 +8,9 @@ import threading
 
 import click
 
+from eventbus.cli.options import settings
 from eventbus.cli.status import open_store, store_options, target_queues
 from eventbus.logging import redact
-from eventbus.settings import Settings
 
 
 @click.command()
@@ -55,12 +55,12 @@ def dashboard(
 
     if refresh <= 0:
         raise click.BadParameter("must be > 0", param_hint="--refresh")
-    settings = Settings.from_env(broker_url=broker_url)
+    config = settings("dashboard", broker_url=broker_url)
     queues = target_queues(target)
-    store = open_store(database_url, "dashboard")
+    store = open_store(database_url, "dashboard", broker_url=config.broker_url)
     board = Dashboard(
         store,
-        settings.broker_url,
+        config.broker_url,
         exchange=exchange,
         queues=queues,
         management_url=management_url,
@@ -74,7 +74,7 @@ def dashboard(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     click.echo(
-        f"eventbus dashboard: {server.url} (broker {redact(settings.broker_url)}; Ctrl-C stops)"
+        f"eventbus dashboard: {server.url} (broker {redact(config.broker_url)}; Ctrl-C stops)"
     )
     if server.allowed is None:
         click.echo(

@@ -1,16 +1,18 @@
-"""Options and helpers shared by the commands that run services (run, relay, replay):
-the broker, database and exchange options, and the Prometheus metrics endpoint."""
+"""Options and helpers shared by the commands that run services (run, relay, replay): the
+broker, database and exchange options, the Prometheus metrics endpoint, and the checks that turn
+settings that cannot work into one line and exit 2 (unusable) or 3 (refused for good)."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import structlog
 
 if TYPE_CHECKING:
+    from eventbus.settings import Settings
     from eventbus.store.store import EventStore
 
 Decorator = Callable[[Any], Any]
@@ -84,82 +86,117 @@ def serve_metrics(port: int | None, host: str) -> None:
 NOT_READY = 3  # exit code: a permanent problem with a server or database (usage errors: 2)
 
 
-def open_checked_store(command: str, broker_url: str | None, database_url: str) -> EventStore:
+def settings(command: str, **overrides: str | None) -> Settings:
+    """``Settings.from_env(**overrides)``, or exit 2 with one line when a value is unusable."""
+    from eventbus.settings import Settings
+
+    try:
+        return Settings.from_env(**overrides)
+    except ValueError as exc:
+        _fail(command, 2, str(exc))
+
+
+def open_checked_store(
+    command: str,
+    broker_url: str | None,
+    database_url: str,
+    *,
+    retrying: bool = True,
+    broker_timeout: float = 5.0,
+) -> EventStore:
     """The command's ``EventStore``, once the settings are known to be usable.
 
     Exit 2 with one line when a URL cannot be used at all; exit 3 (``NOT_READY``) when the
     database or the broker refuses for good (no such database, tables never created, wrong
-    credentials). A server that does not answer yet is left to the command's retries."""
+    credentials). A server that does not answer yet is left to the command's retries, or, for
+    a command that does not retry (``retrying=False``), is exit 1 with one line."""
     import sqlalchemy as sa
-
-    from eventbus.logging import redact
-
-    def fail(code: int, message: str) -> None:
-        click.echo(f"eventbus {command}: {redact(message)}", err=True)
-        sys.exit(code)
 
     try:
         url = sa.make_url(database_url)
         url.get_dialect()
     except Exception as exc:
-        fail(2, f"--database-url {database_url!r} is not a usable database URL: {_line(exc)}")
+        _fail(command, 2, f"--database-url {database_url!r} is not a usable database URL: "
+              f"{_first_line(exc)}")  # fmt: skip
     if broker_url is not None:
-        _check_broker(broker_url, fail)
-    return _open_database(database_url, fail)
+        check_broker(command, broker_url, timeout=broker_timeout)
+    return _open_database(command, database_url, retrying)
 
 
-def _check_broker(broker_url: str, fail: Callable[[int, str], None]) -> None:
-    import amqp.exceptions
+def check_broker(command: str, broker_url: str, *, timeout: float = 5.0) -> None:
+    """Exit 2 with one line when ``broker_url`` cannot be used at all, 3 when the broker refuses
+    its login for good; a broker that does not answer now is the command's to handle."""
     import kombu
 
     try:
         transport = kombu.Connection(broker_url).transport
     except Exception as exc:
-        fail(2, f"--broker-url {broker_url!r} is not a usable broker URL: {_line(exc)}")
-        return
+        _fail(command, 2, f"--broker-url {broker_url!r} is not a usable broker URL: "
+              f"{_first_line(exc)}")  # fmt: skip
     if not broker_url.startswith(("amqp", "pyamqp")) or transport is None:
         return
-    from eventbus.bus.runtime import connect
+    from eventbus.bus.runtime import connect, permanent
 
     try:
-        connect(broker_url, connect_timeout=5).release()
-    except (amqp.exceptions.AccessRefused, amqp.exceptions.NotAllowed) as exc:
-        fail(NOT_READY, f"the broker at {broker_url} refuses this login: {_line(exc)}")
-    except Exception:
-        pass  # not reachable now: the command retries with backoff, as for an outage
+        connect(broker_url, connect_timeout=timeout).release()
+    except Exception as exc:
+        fix = permanent(exc)
+        if fix is not None:
+            _fail(command, NOT_READY, f"cannot use the broker at {broker_url}: {fix} "
+                  f"({_first_line(exc)})")  # fmt: skip
+        # not reachable now: the command retries with backoff, as for an outage
 
 
-def _open_database(database_url: str, fail: Callable[[int, str], None]) -> EventStore:
+def exit_if_permanent(command: str, exc: BaseException) -> None:
+    """Exit 3 with one line when ``exc`` is ``NotReady`` (retries gave up) or an error that
+    retrying cannot cure; return otherwise (the caller goes on handling ``exc``)."""
+    from eventbus.bus.runtime import permanent
+    from eventbus.errors import NotReady
+
+    if isinstance(exc, NotReady):
+        _fail(command, NOT_READY, str(exc))
+    fix = permanent(exc)
+    if fix is not None:
+        _fail(command, NOT_READY, f"{fix} ({_first_line(exc)})")
+
+
+def _open_database(command: str, database_url: str, retrying: bool) -> EventStore:
     import os
 
     import sqlalchemy as sa
 
+    from eventbus.bus.runtime import permanent
     from eventbus.store.store import EventStore
 
     url = sa.make_url(database_url)
     path = url.database if url.drivername.startswith("sqlite") else None
     if path and path != ":memory:" and not os.path.exists(path):
-        fail(NOT_READY, f"there is no database at {path}; create it with 'eventbus db upgrade'")
+        _fail(command, NOT_READY, f"there is no database at {path}; create it with 'eventbus db "
+              "upgrade', or pass --database-url / EVENTBUS_DATABASE_URL")  # fmt: skip
     store = EventStore(database_url)
     try:
         store.head(sequence=False)
-    except sa.exc.OperationalError as exc:
-        message = _line(exc)
-        if "no such table" in message:
-            fail(NOT_READY, f"{database_url} has no eventbus tables; run 'eventbus db upgrade'")
-        if "does not exist" in message or "authentication failed" in message:
-            fail(NOT_READY, f"cannot use the database {database_url}: {message}")
+    except Exception as exc:
+        fix = permanent(exc)
+        if fix is not None:
+            store.close()
+            _fail(command, NOT_READY, f"cannot use the database {database_url}: {fix} "
+                  f"({_first_line(exc)})")  # fmt: skip
+        if not retrying:
+            store.close()
+            _fail(command, 1, f"cannot read the store at {database_url}: {_first_line(exc)}")
         # a server that does not answer now: the command retries with backoff
-    except sa.exc.ProgrammingError as exc:  # PostgreSQL: relation "eventbus_events" does not exist
-        fail(
-            NOT_READY,
-            f"{database_url} has no eventbus tables ({_line(exc)}); run 'eventbus db upgrade'",
-        )
     return store
 
 
-def _line(exc: BaseException) -> str:
-    """The first line of what ``exc`` says (a driver's error, without SQL and background)."""
-    error = getattr(exc, "orig", None) or exc
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+def _fail(command: str, code: int, message: str) -> NoReturn:
+    from eventbus.logging import redact
+
+    click.echo(f"eventbus {command}: {redact(message)}", err=True)
+    sys.exit(code)
+
+
+def _first_line(exc: BaseException) -> str:
+    from eventbus.bus.runtime import first_line
+
+    return first_line(exc)

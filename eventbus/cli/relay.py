@@ -7,14 +7,26 @@ import sys
 
 import click
 
-from eventbus.cli.options import broker_options, metrics_options, open_checked_store, serve_metrics
-from eventbus.settings import Settings
+from eventbus.cli.options import (
+    broker_options,
+    exit_if_permanent,
+    metrics_options,
+    open_checked_store,
+    serve_metrics,
+    settings,
+)
 
 
 @click.command()
 @broker_options
 @click.option("--name", default="default", show_default=True, help="Relay name (its checkpoint).")
-@click.option("--window", default=500, show_default=True, help="Messages per confirm window.")
+@click.option(
+    "--window",
+    default=500,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Messages per confirm window.",
+)
 @click.option("--once", is_flag=True, help="Publish what is stored now, then exit.")
 @metrics_options
 def relay(
@@ -36,10 +48,8 @@ def relay(
     from eventbus.errors import RelayBusy
     from eventbus.run.relay import Relay
 
-    settings = Settings.from_env(
-        broker_url=broker_url, database_url=database_url, exchange=exchange
-    )
-    if settings.broker_url.startswith("memory://") and not once:
+    config = settings("relay", broker_url=broker_url, database_url=database_url, exchange=exchange)
+    if config.broker_url.startswith("memory://") and not once:
         click.echo(
             "eventbus relay: memory:// routes within one process only; a relay in its own "
             "process reaches no worker. Use a RabbitMQ URL, or run the relay inside your "
@@ -48,16 +58,23 @@ def relay(
         )
         sys.exit(2)
     serve_metrics(metrics_port, metrics_host)  # first: a taken port is exit 1 as before
-    store = open_checked_store("relay", settings.broker_url, settings.database_url)
-    r = Relay(store, settings.broker_url, exchange=settings.exchange, name=name, window=window)
+    store = open_checked_store("relay", config.broker_url, config.database_url)
+    r = Relay(store, config.broker_url, exchange=config.exchange, name=name, window=window)
     if once:
         try:
             published = r.publish_pending()
         except RelayBusy as exc:
             click.echo(f"eventbus relay --once: {exc}", err=True)
             sys.exit(1)
+        except Exception as exc:
+            exit_if_permanent("relay --once", exc)
+            raise
         click.echo(f"published {published} events; checkpoint {r.checkpoint()}")
         return
     signal.signal(signal.SIGTERM, lambda *_: r.stop())
     signal.signal(signal.SIGINT, lambda *_: r.stop())
-    r.run()
+    try:
+        r.run()  # NotReady when the broker or database refuses for good, after a few tries
+    except Exception as exc:
+        exit_if_permanent("relay", exc)
+        raise

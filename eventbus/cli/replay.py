@@ -11,9 +11,14 @@ from typing import Any
 
 import click
 
-from eventbus.cli.options import Decorator, broker_options
+from eventbus.cli.options import (
+    Decorator,
+    broker_options,
+    exit_if_permanent,
+    open_checked_store,
+    settings,
+)
 from eventbus.logging import redact
-from eventbus.settings import Settings
 
 
 def _position(flag: str, dest: str, help: str) -> Decorator:
@@ -66,7 +71,6 @@ def replay(
     from eventbus.cli import load_service
     from eventbus.errors import ReplayRefused, ReplayStopped
     from eventbus.run.worker import Worker
-    from eventbus.store.store import EventStore
     from eventbus.subscribe.replay import replay as run_replay
 
     service = load_service(target)
@@ -78,14 +82,15 @@ def replay(
             raise click.UsageError(f"{service.name} has no handler {handler_name!r} ({names})")
     if not handlers:
         raise click.UsageError(f"{service.name} has no handlers")
-    settings = Settings.from_env(
-        broker_url=broker_url, database_url=database_url, exchange=exchange
-    )
+    config = settings("replay", broker_url=broker_url, database_url=database_url, exchange=exchange)
     type_names = [t.strip() for t in types.split(",") if t.strip()] if types else None
-    store = EventStore(settings.database_url)
-    unordered = [h for h in handlers if not h.ordered]
-    if unordered and not dry_run and not no_declare:
-        if settings.broker_url.startswith("memory://"):
+    declare = any(not h.ordered for h in handlers) and not dry_run and not no_declare
+    # The broker is checked only when the queues are declared: a projection needs none.
+    store = open_checked_store(
+        "replay", config.broker_url if declare else None, config.database_url, retrying=False
+    )
+    if declare:
+        if config.broker_url.startswith("memory://"):
             click.echo(
                 "note: memory:// queues live in one process; events appended during this replay "
                 "reach the handler only if its worker runs in the appending process",
@@ -94,12 +99,13 @@ def replay(
         else:
             try:
                 Worker(
-                    service, broker_url=settings.broker_url, store=store, exchange=settings.exchange
+                    service, broker_url=config.broker_url, store=store, exchange=config.exchange
                 ).declare_queues()
             except Exception as exc:
+                exit_if_permanent("replay", exc)
                 click.echo(
                     f"eventbus replay: cannot declare the queues of {service.name} on "
-                    f"{redact(settings.broker_url)}: {redact(str(exc))}. They must exist before "
+                    f"{redact(config.broker_url)}: {redact(str(exc))}. They must exist before "
                     "the replay, or events appended meanwhile reach neither; pass --no-declare "
                     "to replay anyway.",
                     err=True,
@@ -145,6 +151,7 @@ def replay(
             _interrupted(handler.queue)
         except Exception as exc:
             bar.close()
+            exit_if_permanent("replay", exc)
             click.echo(f"eventbus replay: {handler.queue}: {redact(str(exc))}", err=True)
             sys.exit(1)
         bar.close()

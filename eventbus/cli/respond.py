@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from eventbus.cli.options import check_broker, exit_if_permanent, settings
 from eventbus.logging import redact
-from eventbus.settings import Settings
 
 if TYPE_CHECKING:
     from eventbus.rpc.responders import Responders
@@ -22,7 +22,13 @@ if TYPE_CHECKING:
     default=None,
     help="Broker URL [env: EVENTBUS_BROKER_URL; default: memory://, refused here].",
 )
-@click.option("--concurrency", default=1, show_default=True, help="Handler threads.")
+@click.option(
+    "--concurrency",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Handler threads.",
+)
 def respond(target: str, broker_url: str | None, concurrency: int) -> None:
     """Answer the requests of a Responders group: TARGET is MODULE or MODULE:RESPONDERS.
 
@@ -32,7 +38,7 @@ def respond(target: str, broker_url: str | None, concurrency: int) -> None:
     from eventbus.rpc.responders import ResponderRunner
 
     responders = _load(target)
-    url = Settings.from_env(broker_url=broker_url).broker_url
+    url = settings("respond", broker_url=broker_url).broker_url
     if url.startswith("memory://"):
         click.echo(
             "eventbus respond: memory:// carries messages within one process only; a responder "
@@ -41,11 +47,11 @@ def respond(target: str, broker_url: str | None, concurrency: int) -> None:
             err=True,
         )
         sys.exit(2)
-    if concurrency < 1:
-        raise click.UsageError("--concurrency must be >= 1")
+    check_broker("respond", url)
     try:
         ResponderRunner(responders, url, concurrency=concurrency).run()
     except Exception as exc:
+        exit_if_permanent("respond", exc)  # NotReady: the broker refused for good, a few times
         click.echo(f"eventbus respond: {redact(f'{type(exc).__name__}: {exc}')}", err=True)
         sys.exit(1)
 

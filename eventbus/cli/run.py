@@ -2,17 +2,37 @@
 
 from __future__ import annotations
 
+import threading
+
 import click
 
-from eventbus.cli.options import broker_options, metrics_options, open_checked_store, serve_metrics
-from eventbus.settings import Settings
+from eventbus.cli.options import (
+    broker_options,
+    exit_if_permanent,
+    metrics_options,
+    open_checked_store,
+    serve_metrics,
+    settings,
+)
 
 
 @click.command()
 @click.argument("target")
 @broker_options
-@click.option("--prefetch", default=100, show_default=True, help="Unacked messages per queue.")
-@click.option("--concurrency", default=1, show_default=True, help="Handler threads.")
+@click.option(
+    "--prefetch",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Unacked messages per queue.",
+)
+@click.option(
+    "--concurrency",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Handler threads.",
+)
 @click.option(
     "--queue-type",
     envvar="EVENTBUS_QUEUE_TYPE",
@@ -43,34 +63,51 @@ def run(
     from eventbus.run.worker import Worker
 
     service = load_service(target)
-    settings = Settings.from_env(
+    config = settings(
+        "run",
         broker_url=broker_url,
         database_url=database_url,
         exchange=exchange,
         queue_type=queue_type,
     )
     serve_metrics(metrics_port, metrics_host)  # first: a taken port is exit 1 as before
-    store = open_checked_store("run", settings.broker_url, settings.database_url)
+    store = open_checked_store("run", config.broker_url, config.database_url)
     worker = Worker(
         service,
-        broker_url=settings.broker_url,
+        broker_url=config.broker_url,
         store=store,
-        exchange=settings.exchange,
+        exchange=config.exchange,
         prefetch=prefetch,
         concurrency=concurrency,
-        queue_type=settings.queue_type,
+        queue_type=config.queue_type,
     )
-    embedded = None
-    if settings.broker_url.startswith("memory://"):
+    embedded: Relay | None = None
+    relay_failed: list[Exception] = []
+    relaying = threading.Thread()
+    if config.broker_url.startswith("memory://"):
         embedded = Relay(
-            store,
-            settings.broker_url,
-            exchange=settings.exchange,
-            name=f"embedded-{service.name}",
+            store, config.broker_url, exchange=config.exchange, name=f"embedded-{service.name}"
         )
-        embedded.start()
+
+        def relay_or_end(relay: Relay) -> None:  # a relay that gave up (NotReady) ends the worker
+            try:
+                relay.run()
+            except Exception as exc:
+                relay_failed.append(exc)
+                worker.stop()
+
+        relaying = threading.Thread(
+            target=relay_or_end, args=(embedded,), name="eventbus-relay-embedded", daemon=True
+        )
+        relaying.start()
     try:
         worker.run()
+        if relay_failed:
+            raise relay_failed[0]
+    except Exception as exc:
+        exit_if_permanent("run", exc)
+        raise
     finally:
         if embedded is not None:
             embedded.stop()
+            relaying.join(30)

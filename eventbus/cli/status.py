@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any
 
 import click
 
+from eventbus.cli.options import open_checked_store, settings
 from eventbus.logging import redact
-from eventbus.settings import Settings
 
 DATABASE_HELP = "Database URL [env: EVENTBUS_DATABASE_URL; default: sqlite:///eventbus.db]."
 BROKER_HELP = "Broker URL [env: EVENTBUS_BROKER_URL; default: memory://]."
@@ -35,34 +34,18 @@ def store_options(fn: Any) -> Any:
     return fn
 
 
-def open_store(database_url: str | None, command: str) -> Any:
-    """The event store, or exit 1 saying why it cannot be read."""
-    import sqlalchemy as sa
-
-    from eventbus.store.store import EventStore
-
-    url = Settings.from_env(database_url=database_url).database_url
-    path = sa.make_url(url).database if url.startswith("sqlite") else None
-    if path and path != ":memory:" and not os.path.exists(path):
-        click.echo(
-            f"eventbus {command}: there is no database at {path}; create it with "
-            "'eventbus db upgrade', or pass --database-url / EVENTBUS_DATABASE_URL",
-            err=True,
-        )
-        sys.exit(1)
-    store = EventStore(url)
-    try:
-        store.head(sequence=False)
-    except Exception as exc:
-        store.close()
-        hint = " (has 'eventbus db upgrade' run on it?)" if "eventbus_" in str(exc) else ""
-        click.echo(
-            f"eventbus {command}: cannot read the store at {redact(url)}: "
-            f"{redact(_first_line(exc))}{hint}",
-            err=True,
-        )
-        sys.exit(1)
-    return store
+def open_store(
+    database_url: str | None,
+    command: str,
+    *,
+    broker_url: str | None = None,
+    timeout: float = 5.0,
+) -> Any:
+    """The event store, once its URL (and ``broker_url``'s, if given) is known to be usable:
+    else one line and exit 2 (unusable URL), 3 (refused for good: no such database, tables never
+    created, wrong login) or 1 (the database does not answer)."""
+    url = settings(command, database_url=database_url).database_url
+    return open_checked_store(command, broker_url, url, retrying=False, broker_timeout=timeout)
 
 
 def target_queues(target: str | None) -> list[str] | None:
@@ -125,20 +108,20 @@ def status(
     """
     from eventbus.ops.status import collect, exceeded, render, to_dict
 
-    settings = Settings.from_env(broker_url=broker_url)
+    config = settings("status", broker_url=broker_url)
     queues = target_queues(target)
-    if settings.broker_url.startswith("memory://") and (
+    if config.broker_url.startswith("memory://") and (
         max_dead is not None or max_depth is not None
     ):
         raise click.UsageError(
             "--max-dead and --max-depth need a broker shared between processes (RabbitMQ): "
             "memory:// queues live inside one process"
         )
-    store = open_store(database_url, "status")
+    store = open_store(database_url, "status", broker_url=config.broker_url, timeout=timeout)
     try:
         state = collect(
             store,
-            settings.broker_url,
+            config.broker_url,
             exchange=exchange,
             queues=queues,
             management_url=management_url,
