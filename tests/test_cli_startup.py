@@ -148,3 +148,35 @@ def test_a_broker_refusing_the_login_exits_3_without_the_password(
         "check the user and password of the broker URL",
     )  # fmt: skip
     assert "not-the-password" not in result.stderr + result.stdout
+
+
+DEAD_LETTERS = {  # dead-letter commands that talk to a queue (not the summary: it needs a store)
+    "list": ["dead-letters", "list", "some.queue"],
+    "show": ["dead-letters", "show", "some.queue", "some-id"],
+    "retry": ["dead-letters", "retry", "some.queue"],
+    "purge": ["dead-letters", "purge", "some.queue", "--yes"],
+    "parked retry": ["parked", "retry", "--all"],
+}
+
+
+@pytest.mark.parametrize("command", DEAD_LETTERS)
+def test_dead_letter_and_parked_commands_name_a_bad_broker_in_one_line(
+    tmp_path: Path, amqp_url: str, command: str
+) -> None:
+    database = f"sqlite:///{tmp_path / 'app.db'}"
+    upgrade(database)
+    args = [*DEAD_LETTERS[command]]
+    if command.startswith("parked"):
+        args += ["--database-url", database]
+    unusable = eventbus(tmp_path, *args, "--broker-url", "foo://")
+    assert_one_line(unusable, 2, "--broker-url 'foo://'", "No such transport")
+    wrong = amqp_url.replace("guest:guest@", "guest:not-the-password@")
+    refused = eventbus(tmp_path, *args, "--broker-url", wrong)
+    assert_one_line(refused, 3, "check the user and password of the broker URL")
+    assert "not-the-password" not in refused.stderr + refused.stdout
+
+
+def test_parked_list_names_a_missing_database_in_one_line(tmp_path: Path) -> None:
+    missing = f"sqlite:///{tmp_path / 'none.db'}"
+    result = eventbus(tmp_path, "parked", "list", "--database-url", missing)
+    assert_one_line(result, 3, "eventbus parked list: there is no database at")

@@ -324,8 +324,21 @@ def test_pause_and_resume_commands_check_their_targets(db_url: str) -> None:
     assert eventbus(db_url, "pause", "tests.bus_app:nothing").returncode == 2
 
 
-def test_pause_fails_with_exit_1_when_the_database_is_unreachable(tmp_path: Path) -> None:
+def test_pause_exits_3_with_one_line_when_there_is_no_database(tmp_path: Path) -> None:
     missing = f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}"
     result = eventbus(missing, "pause", "a.b")
-    assert result.returncode == 1
-    assert "eventbus pause failed" in result.stderr
+    assert result.returncode == 3
+    assert result.stderr.startswith("eventbus pause: there is no database at ")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "no").exists(), "nothing created"
+
+
+def test_pause_and_resume_turn_bad_settings_into_one_line(tmp_path: Path) -> None:
+    bad = eventbus("not-a-url", "resume", "a.b")
+    assert bad.returncode == 2 and "not a usable database URL" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    empty = tmp_path / "empty.db"
+    empty.touch()  # a database never upgraded
+    never = eventbus(f"sqlite:///{empty}", "pause", "a.b")
+    assert never.returncode == 3 and "eventbus db upgrade" in never.stderr
+    assert len(never.stderr.strip().splitlines()) == 1

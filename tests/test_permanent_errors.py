@@ -31,7 +31,8 @@ import sqlalchemy as sa
 import structlog
 from structlog.testing import capture_logs
 
-from eventbus.bus.runtime import Backoff, permanent
+from eventbus.bus.faults import permanent
+from eventbus.bus.runtime import Backoff
 from eventbus.errors import NotReady
 from eventbus.store.migrate import upgrade
 from tests.cluster import rabbitmqctl
@@ -360,3 +361,25 @@ def test_eventbus_run_on_memory_ends_when_its_embedded_relay_gives_up(tmp_path: 
         "run 'eventbus db upgrade'",
     )
     assert process.events("worker.stopped"), process.tail()  # it stopped as on SIGTERM
+
+
+def test_a_queue_declared_before_with_other_arguments_ends_run_with_exit_3(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """RabbitMQ refuses to declare a queue again with other arguments (406 on queue.declare):
+    no retry cures that, so the worker gives up with one line naming the queue's problem."""
+    database = f"sqlite:///{tmp_path / 'app.db'}"
+    upgrade(database)
+    shadow = broker.service("mismatch")  # the subprocess's service: queues cleaned up
+    shadow.handles(UserLoggedIn, name="record")(lambda event: None)
+    queue = shadow.handlers["record"].queue
+    with kombu.Connection(broker.url, connect_timeout=10) as conn:
+        conn.channel().queue_declare(queue, durable=True, arguments={"x-max-length": 5})
+    args = ["run", "tests.fault_app:faulty", "--database-url", database]
+    args += ["--exchange", broker.exchange, "--broker-url", broker.url]
+    process = Process(tmp_path, "mismatch", args, {"FAULT_SERVICE": shadow.name})
+    try:
+        code = process.wait(180)
+        assert_gave_up(process, code, "worker.reconnecting", "queue exists", "other settings")
+    finally:
+        process.end()

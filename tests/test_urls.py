@@ -173,6 +173,9 @@ def test_cli_db_upgrade_never_prints_a_query_password(tmp_path: Path) -> None:
     assert failed.returncode == 1
     assert "eventbus db upgrade failed for" in failed.stderr
     assert "topsecret" not in failed.stdout + failed.stderr
+    bad = db_upgrade("not-a-url", tmp_path)
+    assert bad.returncode == 2 and "not a usable database URL" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 def test_cli_db_upgrade_on_postgresql_never_prints_a_query_password(tmp_path: Path) -> None:
@@ -182,8 +185,10 @@ def test_cli_db_upgrade_on_postgresql_never_prints_a_query_password(tmp_path: Pa
         assert "topsecret" not in ok.stdout + ok.stderr
         missing = url.rsplit("/", 1)[0] + "/eventbus_urls_no_such_database"
         failed = db_upgrade(f"{missing}?password=topsecret", tmp_path)
-        assert failed.returncode == 1
+        assert failed.returncode == 3  # not ready: the database must be created first
         assert "does not exist" in failed.stderr
+        said = [ln for ln in failed.stderr.splitlines() if ln and not ln.startswith("{")]
+        assert len(said) == 1 and "Traceback" not in failed.stderr, failed.stderr
         assert "topsecret" not in failed.stdout + failed.stderr
 
 

@@ -87,10 +87,10 @@ def _run(
     check: bool,
 ) -> None:
     """Resolve the targets to queue names, check them, then ``act`` on them."""
-    from eventbus.store.engine import create_engine
+    from eventbus.cli.options import open_checked_store
 
     url = Settings.from_env(database_url=database_url).database_url
-    engine = create_engine(url)
+    engine = open_checked_store(verb, None, url, retrying=False).engine
     try:
         queues = _queues(targets)
         if check:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from eventbus.cli.options import check_broker
 from eventbus.cli.status import BROKER_HELP, DATABASE_HELP, open_store
 from eventbus.logging import redact
 from eventbus.settings import Settings
@@ -50,7 +51,13 @@ def _run(command: str, action: Callable[[], T]) -> T:
             err=True,
         )
     except Exception as exc:
+        from eventbus.bus.faults import permanent
+
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fix = permanent(exc)
+        if fix is not None:  # a refused login: no retry helps (exit 3, not ready)
+            click.echo(f"eventbus dead-letters {command}: {fix} ({redact(reason)})", err=True)
+            sys.exit(3)
         click.echo(
             f"eventbus dead-letters {command}: cannot reach the broker: {redact(reason)}", err=True
         )
@@ -84,6 +91,7 @@ def list_(
     from eventbus.ops.deadletters import peek
 
     url = Settings.from_env(broker_url=broker_url).broker_url
+    check_broker("dead-letters list", url, connect=False)
     if queue is None:
         _summary(url, database_url, as_json)
         return
@@ -178,6 +186,7 @@ def show(queue: str, letter_id: str, broker_url: str | None, full: bool, as_json
     from eventbus.ops.deadletters import find, printable, queues_of
 
     url = Settings.from_env(broker_url=broker_url).broker_url
+    check_broker("dead-letters show", url, connect=False)
     letters = _run("show", lambda: find(url, queue, letter_id))
     dead = queues_of(queue)[1]
     if not letters:
@@ -230,6 +239,7 @@ def retry(queue: str, ids: tuple[str, ...], broker_url: str | None) -> None:
     from eventbus.ops.deadletters import retry as run_retry
 
     url = Settings.from_env(broker_url=broker_url).broker_url
+    check_broker("dead-letters retry", url, connect=False)
     done = _run("retry", lambda: run_retry(url, queue, ids=ids or None))
     click.echo(f"retried {_count(done.done)} from {done.dead_letter_queue} to {done.queue}")
     if done.missing:
@@ -252,6 +262,7 @@ def purge(queue: str, ids: tuple[str, ...], broker_url: str | None, yes: bool) -
     from eventbus.ops.deadletters import purge as run_purge
 
     url = Settings.from_env(broker_url=broker_url).broker_url
+    check_broker("dead-letters purge", url, connect=False)
     dead = queues_of(queue)[1]
     if ids:
         seen = _run("purge", lambda: peek(url, queue, limit=None))

@@ -123,9 +123,12 @@ def open_checked_store(
     return _open_database(command, database_url, retrying)
 
 
-def check_broker(command: str, broker_url: str, *, timeout: float = 5.0) -> None:
+def check_broker(
+    command: str, broker_url: str, *, timeout: float = 5.0, connect: bool = True
+) -> None:
     """Exit 2 with one line when ``broker_url`` cannot be used at all, 3 when the broker refuses
-    its login for good; a broker that does not answer now is the command's to handle."""
+    its login for good (asked only with ``connect``); a broker that does not answer now is the
+    command's to handle."""
     import kombu
 
     try:
@@ -133,12 +136,13 @@ def check_broker(command: str, broker_url: str, *, timeout: float = 5.0) -> None
     except Exception as exc:
         _fail(command, 2, f"--broker-url {broker_url!r} is not a usable broker URL: "
               f"{_first_line(exc)}")  # fmt: skip
-    if not broker_url.startswith(("amqp", "pyamqp")) or transport is None:
+    if not connect or not broker_url.startswith(("amqp", "pyamqp")) or transport is None:
         return
-    from eventbus.bus.runtime import connect, permanent
+    from eventbus.bus.faults import permanent
+    from eventbus.bus.runtime import connect as connected
 
     try:
-        connect(broker_url, connect_timeout=timeout).release()
+        connected(broker_url, connect_timeout=timeout).release()
     except Exception as exc:
         fix = permanent(exc)
         if fix is not None:
@@ -150,7 +154,7 @@ def check_broker(command: str, broker_url: str, *, timeout: float = 5.0) -> None
 def exit_if_permanent(command: str, exc: BaseException) -> None:
     """Exit 3 with one line when ``exc`` is ``NotReady`` (retries gave up) or an error that
     retrying cannot cure; return otherwise (the caller goes on handling ``exc``)."""
-    from eventbus.bus.runtime import permanent
+    from eventbus.bus.faults import permanent
     from eventbus.errors import NotReady
 
     if isinstance(exc, NotReady):
@@ -165,7 +169,7 @@ def _open_database(command: str, database_url: str, retrying: bool) -> EventStor
 
     import sqlalchemy as sa
 
-    from eventbus.bus.runtime import permanent
+    from eventbus.bus.faults import permanent
     from eventbus.store.store import EventStore
 
     url = sa.make_url(database_url)
@@ -197,6 +201,6 @@ def _fail(command: str, code: int, message: str) -> NoReturn:
 
 
 def _first_line(exc: BaseException) -> str:
-    from eventbus.bus.runtime import first_line
+    from eventbus.bus.faults import first_line
 
     return first_line(exc)

@@ -11,8 +11,8 @@ import sys
 
 import click
 
+from eventbus.cli import options
 from eventbus.cli.options import open_checked_store
-from eventbus.settings import Settings
 
 _DATABASE = click.option(
     "--database-url",
@@ -41,8 +41,8 @@ def list_parked(relay_name: str | None, as_json: bool, database_url: str | None)
     """List parked events: relay, position, event, type, attempts, when and why."""
     from eventbus.store.parked import parked as read
 
-    settings = Settings.from_env(database_url=database_url)
-    store = open_checked_store("parked list", None, settings.database_url)
+    settings = options.settings("parked list", database_url=database_url)
+    store = open_checked_store("parked list", None, settings.database_url, retrying=False)
     items = read(store.engine, relay_name)
     if as_json:
         for item in items:
@@ -84,8 +84,10 @@ def retry(
 
     if bool(positions) == every:
         raise click.UsageError("give the POSITIONS to retry, or --all (not both)")
-    settings = Settings.from_env(database_url=database_url, broker_url=broker_url)
-    store = open_checked_store("parked retry", settings.broker_url, settings.database_url)
+    settings = options.settings("parked retry", database_url=database_url, broker_url=broker_url)
+    store = open_checked_store(
+        "parked retry", settings.broker_url, settings.database_url, retrying=False
+    )
     report = retry_parked(store, settings.broker_url, relay=relay_name, positions=positions or None)
     for position in report.published:
         click.echo(f"published the event at position {position}; it is no longer parked")

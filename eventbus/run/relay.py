@@ -71,6 +71,7 @@ class Relay:
         self.max_backoff = max_backoff
         self.standby_interval = standby_interval
         self.published = 0  # messages confirmed since this Relay was made
+        self.error: BaseException | None = None  # why run() gave up, if it did
         self._active = False
         self._at_head = False
         self._stop = threading.Event()
@@ -257,11 +258,15 @@ class Relay:
         try:
             while self._become_active():
                 self._publish_while_active()
+        except BaseException as exc:
+            self.error = exc  # NotReady: the settings are wrong for good
+            raise
         finally:
+            self._stop.set()  # the lag thread ends with this run, however it ends
             self._set_active(False)
             self._lock.release()
-            lag.join(timeout=10)  # it sees the stop too; a restarted relay starts its own
-        self._log.info("relay.stopped", published=self.published)
+            lag.join(timeout=10)
+            self._log.info("relay.stopped", published=self.published)
 
     def _become_active(self) -> bool:
         """Stand by until this relay holds the lock (True), or until ``stop()`` (False)."""
@@ -358,8 +363,14 @@ class Relay:
             self._stop.wait(metrics.REFRESH_INTERVAL)
 
     def start(self) -> Relay:
-        """Run the relay in a daemon thread of this process."""
-        self._thread = threading.Thread(target=self.run, name=f"eventbus-relay-{self.name}")
+        """Run the relay in a daemon thread of this process (``error`` says why it ended, if
+        it gave up)."""
+
+        def run() -> None:
+            with contextlib.suppress(Exception):  # kept in ``error``, logged as relay.gave_up
+                self.run()
+
+        self._thread = threading.Thread(target=run, name=f"eventbus-relay-{self.name}")
         self._thread.daemon = True
         self._thread.start()
         return self
