@@ -16,7 +16,9 @@ PACKAGE = pathlib.Path(eventbus.__file__).parent
 # Bottom to top: a module may import its own layer and the layers below it, never above.
 # The command line and the package's top (its API, 0.1's paths) are one layer.
 LAYERS = ["base", "events", "store", "subscribe", "bus", "ops", "run", "rpc", "cli", "top"]
-RANK = {name: LAYERS.index(name) for name in LAYERS} | {"top": LAYERS.index("cli")}
+LAYERS += ["testing"]  # tools for the users' tests and the pytest plugin: the top layer too
+RANK = {name: LAYERS.index(name) for name in LAYERS}
+RANK |= dict.fromkeys(["top", "testing"], LAYERS.index("cli"))
 BASE = {"errors", "logging", "settings"}  # imported by every layer, import none of them
 TOP = {"__init__", "__main__", "_deprecated", "control", "metrics"}  # the API and 0.1's paths
 
