@@ -9,12 +9,13 @@ import uuid
 from typing import Annotated, Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from eventbus import Event, EventStore, fields
 from eventbus.bus.wire import decode, encode
 from eventbus.errors import EventValidationError, StoreError
+from eventbus.events.codec import dumps, encode_payload
 from eventbus.events.values import MAX_DEPTH
 
 
@@ -202,3 +203,33 @@ def test_a_stored_row_that_no_longer_decodes_does_not_hide_the_events_before_it(
     pages = list(store.read_pages(report_undecodable=True))
     assert [u.event_id for p in pages for u in p.undecodable] == [stored[2].event_id]
     assert [e.payload["seq"] for p in pages for e in p.events] == [0, 1, 3, 4]
+
+
+LIMIT = 64 * 1024  # a store limit small enough to cross quickly (the default is 16 MiB)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    size=st.one_of(st.integers(0, 64), st.integers(LIMIT // 4, LIMIT // 2)),
+    char=st.sampled_from(["a", "é", "漢", "🙂", '"', "\\", "\n", "\u2028"]),
+)
+@example(size=LIMIT // 2, char="🙂")  # 128 KiB encoded: refused
+@example(size=LIMIT // 2 - 64, char='"')  # escaped to two bytes each, just under: carried
+@example(size=LIMIT // 2, char='"')  # escaped, plus the other fields: just over, refused
+def test_huge_strings_are_carried_or_refused_by_append_naming_the_field(
+    store: EventStore, size: int, char: str
+) -> None:
+    """Any length constructs; what encodes within the store's limit is carried unchanged, what
+    does not is refused by ``append`` (``EventValidationError`` naming the field), unstored."""
+    small = EventStore(store.engine, max_event_bytes=LIMIT)
+    event = Tick(note=char * size)
+    stream = f"huge-{uuid.uuid4().hex}"
+    if len(dumps(encode_payload(event))) <= LIMIT:
+        assert_carried(small, event)
+        return
+    with pytest.raises(EventValidationError) as caught:
+        small.append(stream, [event])
+    assert set(caught.value.errors) == {"note"}
+    assert list(store.read_stream(stream)) == []
