@@ -1,9 +1,10 @@
 """A three-node RabbitMQ cluster on this machine, for tests: the running node and two more.
 
 ``Cluster.started()`` starts ``rabbit2@localhost`` and ``rabbit3@localhost`` beside the running
-node (their own AMQP and distribution ports, data, log and pid files under a directory owned by
+node, the configured one (``EVENTBUS_TEST_RABBITMQ_NODE``, tests/servers.py): their own AMQP
+and distribution ports, data, log and pid files under a directory owned by
 the ``rabbitmq`` user; the main node's explicitly enabled plugins, with the management agent
-instead of the management listener), joins them to it with ``rabbitmqctl join_cluster`` and waits
+instead of the management listener; joins them to it with ``rabbitmqctl join_cluster`` and waits
 until ``cluster_status`` shows three running nodes. On leaving, whatever happened, it takes them
 out again: their replicas are removed from quorum queues (``rabbitmq-queues shrink``) while a
 majority is up, then ``stop_app``, ``forget_cluster_node`` on the main node and ``stop``; finally
@@ -31,6 +32,8 @@ from typing import Any
 
 import kombu
 
+from tests.servers import BrokerToolError, broker_tool
+
 EXTRA_NODES = ("rabbit2@localhost", "rabbit3@localhost")
 
 
@@ -39,23 +42,15 @@ class ClusterError(RuntimeError):
 
 
 def rabbitmqctl(*args: str, node: str | None = None, timeout: float = 120) -> str:
-    """Run ``rabbitmqctl`` (quietly) against ``node`` (default: the main node); its output."""
+    """Run ``rabbitmqctl`` (quietly) against ``node`` (default: the configured main node)."""
     return _run("rabbitmqctl", *args, node=node, timeout=timeout)
 
 
 def _run(tool: str, *args: str, node: str | None = None, timeout: float = 120) -> str:
-    command = [tool, "-q", *(["-n", node] if node else []), *args]
     try:
-        result = subprocess.run(
-            command, capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ClusterError(f"{' '.join(command)}: no answer in {timeout}s") from exc
-    if result.returncode != 0:
-        raise ClusterError(
-            f"{' '.join(command)}: exit {result.returncode}: {result.stderr}{result.stdout}"
-        )
-    return result.stdout
+        return broker_tool(tool, *args, node=node, timeout=timeout).stdout
+    except BrokerToolError as exc:
+        raise ClusterError(str(exc)) from exc
 
 
 def free_port() -> int:

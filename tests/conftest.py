@@ -1,7 +1,7 @@
 """Fixtures: every store test runs on SQLite and on a fresh PostgreSQL database per test run.
 
 Without a reachable PostgreSQL the PostgreSQL cases skip with the reason, except under CI=true,
-where an unreachable server fails the run.
+where an unreachable server fails the run. Which servers: tests/servers.py (EVENTBUS_TEST_*).
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from eventbus.store.migrate import upgrade
 from eventbus.store.store import EventStore
 from eventbus.store.tables import metadata
 from eventbus.subscribe.subscriptions import Projection, Service
+from tests.servers import AMQP_URL, PG_URL
 
-PG_ADMIN_URL = os.environ.get(
-    "EVENTBUS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-)
+PG_ADMIN_URL = PG_URL  # EVENTBUS_TEST_PG_URL; the servers' variables: tests/servers.py
 
 
 @contextlib.contextmanager
@@ -99,9 +98,6 @@ def store(db_url: str) -> Iterator[EventStore]:
     s = EventStore(db_url)
     yield s
     s.close()
-
-
-AMQP_URL = os.environ.get("EVENTBUS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from eventbus import EventStore, Relay, Service
 from eventbus.subscribe.subscriptions import Context
 from tests.conftest import Broker
 from tests.events_fixtures import UserLoggedIn
+from tests.servers import MANAGEMENT_URL
 from tests.test_bus_faults import relay_from_head as checkpoint_at_head
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,10 +40,10 @@ def run_cli(
         **os.environ,
         "EVENTBUS_BROKER_URL": broker_url,
         "EVENTBUS_DATABASE_URL": database_url,
+        "EVENTBUS_MANAGEMENT_URL": MANAGEMENT_URL,  # the test broker's (tests/servers.py)
         "PYTHONUNBUFFERED": "1",
         **(env or {}),
     }
-    environment.pop("EVENTBUS_MANAGEMENT_URL", None)
     return subprocess.run(
         [sys.executable, "-m", "eventbus", *args],
         cwd=ROOT,

@@ -43,6 +43,7 @@ from eventbus.store.tables import relay_checkpoints as C
 from eventbus.subscribe.subscriptions import Context
 from tests.conftest import Broker, queue_info
 from tests.events_fixtures import UserLoggedIn
+from tests.servers import BrokerToolError, broker_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "tests.fault_app:faulty"
@@ -160,9 +161,8 @@ def broker_accepts(url: str) -> bool:
 
 
 def rabbitmqctl(*args: str) -> str:
-    result = subprocess.run(
-        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=180, check=False
-    )
+    """``rabbitmqctl`` on the configured node (tests/servers.py); fails the test if it fails."""
+    result = broker_tool("rabbitmqctl", *args, timeout=180, check=False)
     assert result.returncode == 0, f"rabbitmqctl {' '.join(args)}: {result.stderr}"
     return result.stdout
 
@@ -441,8 +441,9 @@ def broker_restored(url: str) -> Iterator[None]:
     try:
         yield
     finally:
-        subprocess.run(["rabbitmqctl", "start_app"], capture_output=True, timeout=180)
-        subprocess.run(["rabbitmqctl", "await_startup"], capture_output=True, timeout=180)
+        with contextlib.suppress(BrokerToolError):
+            broker_tool("rabbitmqctl", "start_app", timeout=180, check=False)
+            broker_tool("rabbitmqctl", "await_startup", timeout=180, check=False)
         wait_for(lambda: broker_accepts(url), 120, "RabbitMQ to accept connections again")
 
 

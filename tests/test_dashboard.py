@@ -37,6 +37,7 @@ from eventbus.run.worker import running
 from tests.conftest import Broker, wait_for
 from tests.events_fixtures import ImageUploaded, UserLoggedIn
 from tests.ops_support import ROOT, flaky_service, ready, relay_from_head
+from tests.servers import MANAGEMENT_URL
 
 pytestmark = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 
@@ -179,7 +180,7 @@ def _high(fd: int) -> int:
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Chromium]:
     if not os.access(CHROMIUM, os.X_OK):
-        message = f"{CHROMIUM} is missing (.ci/run installs Debian's chromium)"
+        message = f"{CHROMIUM} is missing (scripts/prepare-test-servers installs it)"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -221,6 +222,7 @@ def scene(
             **os.environ,
             "EVENTBUS_BROKER_URL": broker.url,
             "EVENTBUS_DATABASE_URL": db_url,
+            "EVENTBUS_MANAGEMENT_URL": MANAGEMENT_URL,  # the test broker's (tests/servers.py)
             "PYTHONUNBUFFERED": "1",
         }
         log = open(tmp_path / "dashboard.log", "w")  # noqa: SIM115 - closed below

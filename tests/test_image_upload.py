@@ -39,6 +39,7 @@ from eventbus.store.tables import failures
 from examples.image_upload.microblog import Microblog
 from examples.image_upload.tables import badges, friendships, notifications, points, thumbnails
 from tests.conftest import fresh_pg_database
+from tests.servers import broker_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = (64, 128, 256)  # examples/image_upload/resizer.py
@@ -58,9 +59,8 @@ def database() -> Iterator[str]:
 
 
 def rabbitmqctl(*args: str) -> str:
-    result = subprocess.run(
-        ["rabbitmqctl", *args], capture_output=True, text=True, timeout=120, check=False
-    )
+    """``rabbitmqctl`` on the configured node (tests/servers.py); fails the test if it fails."""
+    result = broker_tool("rabbitmqctl", *args, check=False)
     assert result.returncode == 0, f"rabbitmqctl {' '.join(args)}: {result.stderr}"
     return result.stdout
 

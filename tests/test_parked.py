@@ -27,9 +27,9 @@ from eventbus.ops.dashboard import Dashboard
 from eventbus.store.limits import MAX_EVENT_BYTES
 from eventbus.store.parked import parked
 from eventbus.store.tables import events as T
-from tests.cluster import rabbitmqctl
 from tests.conftest import Broker
 from tests.events_fixtures import UserLoggedIn
+from tests.servers import rabbitmqctl
 
 MIB = 1024 * 1024
 BROKER_DEFAULT = 128 * MIB  # RabbitMQ's own default for max_message_size

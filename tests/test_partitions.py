@@ -42,6 +42,7 @@ from tests.conftest import Broker, wait_for
 from tests.conftest import queue_info as queue_state
 from tests.events_fixtures import Counted
 from tests.ops_support import relay_from_head
+from tests.servers import rabbitmq_plugins
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -585,10 +586,6 @@ def test_partition_definitions_are_checked() -> None:
     proj = Projection("defs-projection")
     with pytest.raises(HandlerDefinitionError, match="partitions= is for Service handlers"):
         proj.handles(Counted, partitions=2)
-
-
-def rabbitmq_plugins(*args: str) -> None:
-    subprocess.run(["rabbitmq-plugins", *args], capture_output=True, timeout=180, check=True)
 
 
 def test_a_broker_without_the_consistent_hash_plugin_is_named(

@@ -30,6 +30,7 @@ from eventbus.store.tables import bindings
 from eventbus.subscribe.subscriptions import Context
 from tests.conftest import Broker, wait_for
 from tests.events_fixtures import UserLoggedIn
+from tests.servers import rabbitmqctl
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -142,23 +143,12 @@ def close_broker_connections_of(pid: int, url: str) -> int:
             fields = line.split()
             if fields[9] in sockets and int(fields[2].rsplit(":", 1)[1], 16) == port:
                 local_ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    listed = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "pid", "peer_port"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
+    listed = rabbitmqctl("list_connections", "pid", "peer_port")
     closed = 0
     for line in listed.splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[1].isdigit() and int(parts[1]) in local_ports:
-            subprocess.run(
-                ["rabbitmqctl", "close_connection", parts[0], "eventbus pause test"],
-                capture_output=True,
-                timeout=120,
-                check=True,
-            )
+            rabbitmqctl("close_connection", parts[0], "eventbus pause test")
             closed += 1
     return closed
 

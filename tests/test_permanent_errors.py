@@ -35,9 +35,9 @@ from eventbus.bus.faults import permanent
 from eventbus.bus.runtime import Backoff
 from eventbus.errors import NotReady
 from eventbus.store.migrate import upgrade
-from tests.cluster import rabbitmqctl
 from tests.conftest import PG_ADMIN_URL, Broker, fresh_pg_database, queue_info, wait_for
 from tests.events_fixtures import UserLoggedIn
+from tests.servers import rabbitmqctl
 
 ROOT = Path(__file__).resolve().parent.parent
 GIVE_UP_AFTER = 5  # Backoff's default: permanent failures in a row before NotReady

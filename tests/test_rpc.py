@@ -40,6 +40,7 @@ from eventbus.rpc.client import RequestClient
 from eventbus.rpc.responders import RequestContext, ResponderRunner, Responders
 from tests import rpc_app
 from tests.conftest import Broker, wait_for
+from tests.servers import rabbitmqctl
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = "<!-- request-reply-example -->"  # marks the documented example
@@ -540,17 +541,6 @@ def pika_parameters(url: str) -> pika.ConnectionParameters:
 
 def close_connection_on_port(port: int) -> None:
     """Have RabbitMQ close the client connection whose local port is ``port``."""
-    listed = subprocess.run(
-        ["rabbitmqctl", "list_connections", "pid", "peer_port", "-q"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    listed = rabbitmqctl("list_connections", "pid", "peer_port", timeout=60)
     pid = next(line.split()[0] for line in listed.splitlines() if line.split()[1:] == [str(port)])
-    subprocess.run(
-        ["rabbitmqctl", "close_connection", pid, "test_rpc: connection closed"],
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
+    rabbitmqctl("close_connection", pid, "test_rpc: connection closed", timeout=60)

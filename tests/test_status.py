@@ -28,6 +28,7 @@ from eventbus.subscribe.subscriptions import Context
 from tests.conftest import Broker, wait_for
 from tests.events_fixtures import UserLoggedIn
 from tests.ops_support import flaky_service, ready, relay_from_head, run_cli
+from tests.servers import MANAGEMENT_URL, management_request
 
 pytestmark = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 
@@ -90,12 +91,10 @@ def scene(store: EventStore, broker: Broker) -> Iterator[dict[str, Any]]:
 
 
 def management_reachable() -> bool:
-    """Whether RabbitMQ's management API answers (.ci/run enables it; required under CI)."""
-    request = urllib.request.Request(
-        "http://127.0.0.1:15672/api/overview", headers={"Authorization": "Basic Z3Vlc3Q6Z3Vlc3Q="}
-    )
+    """Whether the configured management API answers (EVENTBUS_TEST_MANAGEMENT_URL;
+    scripts/prepare-test-servers enables it; required under CI)."""
     try:
-        with urllib.request.urlopen(request, timeout=5):
+        with urllib.request.urlopen(management_request("/api/overview"), timeout=5):
             return True
     except OSError as exc:
         if os.environ.get("CI") == "true":
@@ -125,7 +124,7 @@ def test_status_shows_depth_consumers_unacked_lag_dead_letters_and_pauses(
     n = 0 if api else None  # unacked counts come from the management API
 
     def held() -> int | None:
-        state = collect(store, broker.url, exchange=broker.exchange)
+        state = collect(store, broker.url, exchange=broker.exchange, management_url=MANAGEMENT_URL)
         return next(h.unacked for h in state.handlers if h.queue == queues["busy"])
 
     # RabbitMQ's management statistics (unacked) are refreshed every few seconds.
