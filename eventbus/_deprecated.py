@@ -38,19 +38,21 @@ NAMES = {
 }
 
 
-def warn(old: str, new: str) -> None:
-    """Say that ``old`` moved to ``new`` (a ``DeprecationWarning`` at the importer's line)."""
+def warn(old: str, new: str, *, depth: int = 0) -> None:
+    """Say that ``old`` moved to ``new`` (a ``DeprecationWarning`` at the importer's line;
+    ``depth``: the frames between the caller of ``warn`` and the importer)."""
     warnings.warn(
         f"{old} moved to {new}; the old path goes in eventbus 0.3",
         DeprecationWarning,
-        stacklevel=3,
+        stacklevel=3 + depth,
     )
 
 
-def top_level_name(name: str) -> Any:
-    """``eventbus.<name>`` for the names 0.1 exported at the top (module ``__getattr__``)."""
+def top_level_name(name: str, *, depth: int = 0) -> Any:
+    """``eventbus.<name>`` for the names 0.1 exported at the top (from the package's
+    ``__getattr__``: ``depth`` 1)."""
     module = NAMES.get(name)
     if module is None:
         raise AttributeError(f"module 'eventbus' has no attribute {name!r}")
-    warn(f"eventbus.{name}", f"{module}.{name}")
+    warn(f"eventbus.{name}", f"{module}.{name}", depth=depth)
     return getattr(importlib.import_module(module), name)

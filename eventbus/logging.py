@@ -1,4 +1,5 @@
-"""structlog setup: a console renderer on a terminal, JSON lines otherwise; no secrets in logs."""
+"""structlog through stdlib ``logging``: nothing below WARNING until configured (stdlib's own
+defaults); ``configure_logging``: console on a terminal, JSON lines otherwise; no secrets."""
 
 from __future__ import annotations
 
@@ -54,10 +55,61 @@ def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, A
     return event_dict
 
 
+def _as_text(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> str:
+    """The last processor without ``configure_logging``: one plain message for stdlib logging
+    (``event key=value ...`` and the traceback), which the application's formatters frame."""
+    event_dict.pop("level", None)
+    trace = event_dict.pop("exception", None)
+    text = " ".join(
+        [str(event_dict.pop("event", "")), *(f"{k}={v!r}" for k, v in event_dict.items())]
+    )
+    return f"{text}\n{trace}" if trace else text
+
+
+def _steps(*, timestamps: bool) -> list[Any]:
+    """What every line goes through: context variables, level, time, traceback, redaction."""
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.stdlib.PositionalArgumentsFormatter(),
+        *([structlog.processors.TimeStamper(fmt="iso", utc=True)] if timestamps else []),
+        structlog.processors.format_exc_info,
+        redact_secrets,
+    ]
+
+
+def _processors(last: Any, *, timestamps: bool) -> list[Any]:
+    # filter_by_level: the stdlib logger's effective level decides, so dictConfig applies
+    return [structlog.stdlib.filter_by_level, *_steps(timestamps=timestamps), last]
+
+
+def _through_stdlib(processors: list[Any]) -> None:
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+
+
+class _OwnOrWarning(logging.Filter):
+    """structlog's lines at the configured level; other libraries' (kombu, alembic) from WARNING."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.foreign = max(level, logging.WARNING)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return isinstance(record.msg, dict) or record.levelno >= self.foreign
+
+
 def configure_logging(
     level: str = "INFO", *, json: bool | None = None, stream: TextIO | None = None
 ) -> None:
-    """Set up structlog; ``json`` None picks console on a terminal, JSON lines otherwise."""
+    """Log eventbus's (and every structlog) line at ``level`` and up to ``stream`` (stderr),
+    through stdlib ``logging`` (a handler on the root logger, which is set to ``level``);
+    ``json`` None picks console on a terminal, JSON lines otherwise. Calling it again replaces
+    the handler it added."""
     out = stream or sys.stderr
     use_json = not out.isatty() if json is None else json
     renderer: Any = (
@@ -65,16 +117,30 @@ def configure_logging(
         if use_json
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            redact_secrets,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(out),
-        cache_logger_on_first_use=False,
+    _through_stdlib(
+        _processors(structlog.stdlib.ProcessorFormatter.wrap_for_formatter, timestamps=True)
     )
+    handler = logging.StreamHandler(out)
+    handler.set_name(_HANDLER)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=_steps(timestamps=True),  # other libraries' records
+        )
+    )
+    number = logging.getLevelName(level.upper())
+    if not isinstance(number, int):
+        raise ValueError(f"unknown log level {level!r}")
+    handler.addFilter(_OwnOrWarning(number))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(number)
+
+
+_HANDLER = "eventbus"
+# Without configure_logging(): through stdlib logging as it stands (unconfigured: WARNING and up
+# to stderr, no debug lines); an application that configured structlog itself keeps its setup.
+if not structlog.is_configured():
+    _through_stdlib(_processors(_as_text, timestamps=False))

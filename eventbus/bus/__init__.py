@@ -1,0 +1,1 @@
+import eventbus.logging  # noqa: F401  (eventbus logs through stdlib logging unless configured)

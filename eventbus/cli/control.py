@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import sqlalchemy as sa
 
-from eventbus.logging import redact
+from eventbus.cli.options import redact
 from eventbus.settings import Settings
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 _TARGETS = click.argument("targets", nargs=-1, required=True, metavar="QUEUE|MODULE:SERVICE...")
 _DATABASE = click.option(
@@ -87,6 +89,8 @@ def _run(
     check: bool,
 ) -> None:
     """Resolve the targets to queue names, check them, then ``act`` on them."""
+    import sqlalchemy as sa
+
     from eventbus.cli.options import open_checked_store
 
     url = Settings.from_env(database_url=database_url).database_url
@@ -127,6 +131,8 @@ def _queues(targets: tuple[str, ...]) -> list[str]:
 
 def _check_declared(engine: sa.Engine, verb: str, queues: list[str]) -> None:
     """A queue no worker ever declared is most likely a typo: say so (exit 2)."""
+    import sqlalchemy as sa
+
     from eventbus.ops.control import paused
     from eventbus.store.tables import bindings
 

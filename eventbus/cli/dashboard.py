@@ -8,9 +8,8 @@ import threading
 
 import click
 
-from eventbus.cli.options import settings
+from eventbus.cli.options import redact, settings
 from eventbus.cli.status import open_store, store_options, target_queues
-from eventbus.logging import redact
 
 
 @click.command()

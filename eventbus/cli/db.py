@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from eventbus.logging import redact
+from eventbus.cli.options import redact
 from eventbus.settings import Settings
 
 

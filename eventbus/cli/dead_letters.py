@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from eventbus.cli.options import check_broker
+from eventbus.cli.options import check_broker, redact
 from eventbus.cli.status import BROKER_HELP, DATABASE_HELP, open_store
-from eventbus.logging import redact
 from eventbus.settings import Settings
 
 if TYPE_CHECKING:

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-import structlog
 
 if TYPE_CHECKING:
     from eventbus.settings import Settings
@@ -73,6 +72,8 @@ def serve_metrics(port: int | None, host: str) -> None:
     """Start the metrics endpoint when a port is given; exit 1 when it cannot listen there."""
     if port is None:
         return
+    import structlog
+
     from eventbus.ops.metrics import serve_metrics as start
 
     try:
@@ -193,9 +194,14 @@ def _open_database(command: str, database_url: str, retrying: bool) -> EventStor
     return store
 
 
-def _fail(command: str, code: int, message: str) -> NoReturn:
-    from eventbus.logging import redact
+def redact(text: str) -> str:
+    """``eventbus.logging.redact`` (hide URL credentials), imported when first needed."""
+    from eventbus.logging import redact as hide
 
+    return hide(text)
+
+
+def _fail(command: str, code: int, message: str) -> NoReturn:
     click.echo(f"eventbus {command}: {redact(message)}", err=True)
     sys.exit(code)
 

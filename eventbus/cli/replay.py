@@ -16,9 +16,9 @@ from eventbus.cli.options import (
     broker_options,
     exit_if_permanent,
     open_checked_store,
+    redact,
     settings,
 )
-from eventbus.logging import redact
 
 
 def _position(flag: str, dest: str, help: str) -> Decorator:

@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from eventbus.cli.options import check_broker, exit_if_permanent, settings
-from eventbus.logging import redact
+from eventbus.cli.options import check_broker, exit_if_permanent, redact, settings
 
 if TYPE_CHECKING:
     from eventbus.rpc.responders import Responders

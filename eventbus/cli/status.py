@@ -8,8 +8,7 @@ from typing import Any
 
 import click
 
-from eventbus.cli.options import open_checked_store, settings
-from eventbus.logging import redact
+from eventbus.cli.options import open_checked_store, redact, settings
 
 DATABASE_HELP = "Database URL [env: EVENTBUS_DATABASE_URL; default: sqlite:///eventbus.db]."
 BROKER_HELP = "Broker URL [env: EVENTBUS_BROKER_URL; default: memory://]."
