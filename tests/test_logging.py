@@ -166,17 +166,24 @@ def upgrade(tmp_path: Path, *args: str, **env: str) -> list[str]:
 def test_log_options_go_before_or_after_the_command_or_in_the_environment(
     tmp_path: Path,
 ) -> None:
-    default = upgrade(tmp_path, "db", "upgrade", "--url", "URL")
+    default = upgrade(tmp_path, "db", "upgrade", "--database-url", "URL")
     assert [json.loads(line)["event"] for line in default] == ["db.upgrade"]  # JSON off a tty
-    assert upgrade(tmp_path, "db", "upgrade", "--url", "URL", "--log-level", "WARNING") == []
-    assert upgrade(tmp_path, "--log-level", "WARNING", "db", "upgrade", "--url", "URL") == []
-    assert upgrade(tmp_path, "db", "upgrade", "--url", "URL", EVENTBUS_LOG_LEVEL="warning") == []
+    assert (
+        upgrade(tmp_path, "db", "upgrade", "--database-url", "URL", "--log-level", "WARNING") == []
+    )
+    assert (
+        upgrade(tmp_path, "--log-level", "WARNING", "db", "upgrade", "--database-url", "URL") == []
+    )
+    assert (
+        upgrade(tmp_path, "db", "upgrade", "--database-url", "URL", EVENTBUS_LOG_LEVEL="warning")
+        == []
+    )
     later = upgrade(  # the command line beats the environment, the command's the group's
-        tmp_path, "--log-level", "ERROR", "db", "upgrade", "--url", "URL", "--log-level", "INFO",
-        EVENTBUS_LOG_LEVEL="WARNING",
+        tmp_path, "--log-level", "ERROR", "db", "upgrade", "--database-url", "URL",
+        "--log-level", "INFO", EVENTBUS_LOG_LEVEL="WARNING",
     )  # fmt: skip
     assert len(later) == 1
-    console = upgrade(tmp_path, "db", "--log-format", "console", "upgrade", "--url", "URL")
+    console = upgrade(tmp_path, "db", "--log-format", "console", "upgrade", "--database-url", "URL")
     assert len(console) == 1 and "db.upgrade" in console[0] and not console[0].startswith("{")
-    env = upgrade(tmp_path, "db", "upgrade", "--url", "URL", EVENTBUS_LOG_FORMAT="console")
+    env = upgrade(tmp_path, "db", "upgrade", "--database-url", "URL", EVENTBUS_LOG_FORMAT="console")
     assert not env[0].startswith("{")
