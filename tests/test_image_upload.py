@@ -608,13 +608,12 @@ def test_an_upload_without_content_length_is_refused(upload_service: Deployment)
     session = upload_service.log_in("erin")
     conn = http.client.HTTPConnection(urlsplit(upload_service.url).netloc, timeout=30)
     try:
-        conn.request(
-            "PUT",
-            "/user/image",
-            body=iter([SAMPLE]),
-            headers={"Authorization": f"Bearer {session}"},
-            encode_chunked=True,
-        )
+        # Headers only: the refusal comes before any body is read, and the server closes the
+        # connection then; a client still sending chunks could find it closed (broken pipe).
+        conn.putrequest("PUT", "/user/image")
+        conn.putheader("Authorization", f"Bearer {session}")
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
         response = conn.getresponse()
         assert response.status == 411
         assert "Content-Length" in json.load(response)["error"]

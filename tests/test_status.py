@@ -1,19 +1,25 @@
 """``eventbus status`` against RabbitMQ and PostgreSQL, run as a user runs it.
 
-Three services on one exchange: ``flaky`` handles three events and dead-letters two (its handler
-fails on them, max_attempts=1), ``busy`` holds one message in its handler (unacked) with four
-waiting, ``idle`` is declared but has no worker and is paused. Then status must say so, in the
-table and in JSON; the thresholds must exit 1 naming what exceeds them; a missing queue, an
-unreachable management API or broker, and memory:// must never crash it.
+``flaky`` handles three events and dead-letters two, ``busy`` holds one (unacked) with four
+waiting, ``idle`` has no worker and is paused: status must say so (table, JSON); thresholds exit
+1 naming what exceeds them; missing queues, unreachable servers and memory:// never crash it. A
+worker paused by SIGUSR1 shows as paused (no other worker obeys that mark); a management URL
+without credentials gets the broker's, and a 401 is told apart from a missing API.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,10 +30,11 @@ from eventbus.ops.control import pause
 from eventbus.ops.status import collect
 from eventbus.run.worker import running
 from eventbus.store.tables import bindings as B
+from eventbus.store.tables import paused as PA
 from eventbus.subscribe.subscriptions import Context
 from tests.conftest import Broker, wait_for
 from tests.events_fixtures import UserLoggedIn
-from tests.ops_support import flaky_service, ready, relay_from_head, run_cli
+from tests.ops_support import ROOT, flaky_service, ready, relay_from_head, run_cli
 from tests.servers import MANAGEMENT_URL, management_request
 
 pytestmark = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
@@ -102,7 +109,9 @@ def management_reachable() -> bool:
         return False
 
 
-def status_json(db_url: str, broker: Broker, *args: str) -> tuple[int, dict[str, Any], str]:
+def status_json(
+    db_url: str, broker: Broker, *args: str, env: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any], str]:
     result = run_cli(
         "status",
         "--exchange",
@@ -111,6 +120,7 @@ def status_json(db_url: str, broker: Broker, *args: str) -> tuple[int, dict[str,
         *args,
         broker_url=broker.url,
         database_url=db_url,
+        env=env,
     )
     assert result.stdout, result.stderr
     return result.returncode, json.loads(result.stdout), result.stderr
@@ -299,3 +309,167 @@ def test_a_service_target_narrows_status_to_its_handlers(
     (row,) = json.loads(result.stdout)["handlers"]
     assert row["queue"] == f"{shadow.name}.record"
     assert (row["exists"], row["depth"], row["consumers"]) == (True, 0, 0)
+
+
+# -- a SIGUSR1 pause, shown -----------------------------------------------------------------------
+
+
+class SlowWorkers:
+    """``eventbus run tests.bus_app:slow`` processes on this test's exchange, one queue."""
+
+    def __init__(self, db_url: str, broker: Broker, tmp_path: Path) -> None:
+        self.db_url, self.broker, self.dir = db_url, broker, tmp_path
+        self.store = EventStore(db_url)
+        self.table = f"status_effects_{broker.tag}"
+        with self.store.engine.begin() as conn:
+            conn.execute(sa.text(f"CREATE TABLE {self.table} (event_id TEXT, user_id TEXT)"))
+        shadow = broker.service("sig")  # the subprocesses' queue names, for cleanup
+        shadow.handles(UserLoggedIn, name="remember")(lambda event: None)
+        self.name = shadow.name
+        self.queue = shadow.handlers["remember"].queue
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.relay = relay_from_head(self.store, broker)
+
+    def start(self) -> subprocess.Popen[bytes]:
+        with open(self.dir / f"worker-{len(self.procs)}.log", "wb") as out:
+            proc = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "eventbus", "run", "tests.bus_app:slow"),
+                    *("--broker-url", self.broker.url, "--database-url", self.db_url),
+                    *("--exchange", self.broker.exchange),
+                ],
+                cwd=ROOT,
+                env={
+                    **os.environ,
+                    "BUS_APP_SERVICE": self.name,
+                    "BUS_APP_EFFECTS": self.table,
+                    "PYTHONUNBUFFERED": "1",
+                },
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def publish(self, *users: str) -> None:
+        self.store.append(f"sig-{self.broker.tag}", [UserLoggedIn(user_id=u) for u in users])
+        self.relay.publish_pending()
+
+    def effects(self) -> list[str]:
+        with self.store.engine.connect() as conn:
+            return sorted(conn.execute(sa.text(f"SELECT user_id FROM {self.table}")).scalars())
+
+    def row(self) -> dict[str, Any]:
+        """The queue's row of ``eventbus status --json`` (empty before a worker declared it)."""
+        code, out, err = status_json(self.db_url, self.broker)
+        assert code == 0, err
+        rows = [h for h in out["handlers"] if h["queue"] == self.queue]
+        return rows[0] if rows else {"paused": None, "consumers": None}
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+        with self.store.engine.begin() as conn:
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {self.table}"))
+        self.store.close()
+
+
+def test_a_worker_paused_by_sigusr1_shows_as_paused_and_no_other_worker_obeys_the_mark(
+    db_url: str, broker: Broker, tmp_path: Path
+) -> None:
+    workers = SlowWorkers(db_url, broker, tmp_path)
+    try:
+        a, b = workers.start(), workers.start()
+        host = socket.gethostname()
+        mark_a, mark_b = f"pid {a.pid} on {host}", f"pid {b.pid} on {host}"
+
+        def shown() -> tuple[str | None, int | None]:
+            row = workers.row()
+            return (row["paused"] or {}).get("reason"), row["consumers"]
+
+        wait_for(lambda: shown() == (None, 2), 60, "two workers consuming")
+
+        a.send_signal(signal.SIGUSR1)
+        wait_for(lambda: shown() == (f"SIGUSR1 ({mark_a})", 1), 30, "a's pause shown")
+        # b reads the same table every second and goes on: the mark is for status only.
+        workers.publish("u1", "u2", "u3")
+        wait_for(lambda: workers.effects() == ["u1", "u2", "u3"], 60, "b to handle them")
+        table = run_cli(
+            "status", "--exchange", broker.exchange, broker_url=broker.url, database_url=db_url
+        )
+        (line,) = [ln for ln in table.stdout.splitlines() if ln.startswith(workers.queue)]
+        assert line.endswith(f"paused: SIGUSR1 ({mark_a})")
+
+        b.send_signal(signal.SIGUSR1)
+        both = f"SIGUSR1 ({', '.join(sorted([mark_a, mark_b]))})"
+        wait_for(lambda: shown() == (both, 0), 30, "both pauses shown")
+        a.send_signal(signal.SIGUSR2)
+        wait_for(lambda: shown() == (f"SIGUSR1 ({mark_b})", 1), 30, "only b's pause shown")
+
+        # An operator's pause replaces the mark, and b's SIGUSR2 does not take it away.
+        done = run_cli(
+            "pause", workers.queue, "--reason", "deploy", broker_url=broker.url, database_url=db_url
+        )
+        assert done.returncode == 0 and "paused" in done.stdout, done.stderr
+        wait_for(lambda: shown() == ("deploy", 0), 30, "the operator's pause applied")
+        b.send_signal(signal.SIGUSR2)
+        workers.publish("u4")
+        with workers.store.engine.connect() as conn:
+            reasons = conn.execute(sa.select(PA.c.reason).where(PA.c.queue == workers.queue))
+            assert list(reasons.scalars()) == ["deploy"]
+        done = run_cli("resume", workers.queue, broker_url=broker.url, database_url=db_url)
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda: shown() == (None, 2), 30, "both consuming again")
+        wait_for(lambda: "u4" in workers.effects(), 60, "u4 handled after the resume")
+
+        # A worker that stops takes its mark away; one killed leaves it until a worker of the
+        # same host sees that the process is gone.
+        a.send_signal(signal.SIGUSR1)
+        wait_for(lambda: shown() == (f"SIGUSR1 ({mark_a})", 1), 30, "a's pause shown again")
+        a.send_signal(signal.SIGTERM)
+        assert a.wait(timeout=60) == 0
+        wait_for(lambda: shown() == (None, 1), 30, "a's mark gone with it")
+        b.send_signal(signal.SIGUSR1)
+        wait_for(lambda: shown() == (f"SIGUSR1 ({mark_b})", 0), 30, "b's pause shown")
+        b.kill()
+        b.wait(timeout=30)
+        assert shown() == (f"SIGUSR1 ({mark_b})", 0)
+        workers.start()
+        wait_for(lambda: shown() == (None, 1), 60, "the dead process's mark cleared")
+    finally:
+        workers.close()
+
+
+def test_a_management_url_without_credentials_uses_the_brokers_and_a_401_says_so(
+    db_url: str, broker: Broker
+) -> None:
+    if not management_reachable():
+        pytest.skip("the management API is not reachable")
+    parts = urllib.parse.urlsplit(MANAGEMENT_URL)
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+    assert "@" not in bare
+
+    code, out, err = status_json(db_url, broker, env={"EVENTBUS_MANAGEMENT_URL": bare})
+    assert code == 0, err
+    assert out["management"]["reachable"] is True and out["notes"] == []
+    assert "guest:***@" in out["management"]["url"]
+
+    host = parts.netloc.rsplit("@", 1)[-1]
+    wrong = urllib.parse.urlunsplit(
+        parts._replace(netloc=f"{parts.username or 'guest'}:wrong-{broker.tag}@{host}")
+    )
+    table = run_cli(
+        "status",
+        "--exchange",
+        broker.exchange,
+        broker_url=broker.url,
+        database_url=db_url,
+        env={"EVENTBUS_MANAGEMENT_URL": wrong},
+    )
+    assert table.returncode == 0, table.stderr
+    (note,) = [ln for ln in table.stdout.splitlines() if ln.startswith("note:")]
+    assert "refused the login (HTTP 401" in note and "rabbitmq-plugins" not in note
+    assert f"wrong-{broker.tag}" not in table.stdout
+    assert "hint: --management-url http://USER:PASSWORD@HOST:15672" in table.stdout

@@ -14,7 +14,7 @@ DATABASE_HELP = "Database URL [env: EVENTBUS_DATABASE_URL; default: sqlite:///ev
 BROKER_HELP = "Broker URL [env: EVENTBUS_BROKER_URL; default: memory://]."
 MANAGEMENT_HELP = (
     "RabbitMQ management API, for unacked counts [env: EVENTBUS_MANAGEMENT_URL; default: "
-    "http://<broker host>:15672 with the broker URL's user and password]."
+    "http://<broker host>:15672]; without a user and password it uses the broker URL's."
 )
 
 
@@ -70,7 +70,8 @@ def target_queues(target: str | None) -> list[str] | None:
     "--max-lag",
     type=click.IntRange(min=0),
     metavar="N",
-    help="Exit 1 if a handler or relay is more than N positions behind the head.",
+    help="Exit 1 if a handler has more than N events to process (of those it subscribes to), "
+    "or a relay more than N to publish.",
 )
 @click.option(
     "--max-dead",
@@ -100,9 +101,10 @@ def status(
     """Show every handler's queue depth, consumers, unacked, lag, dead letters and pause,
     and each relay's lag.
 
-    TARGET (MODULE or MODULE:SERVICE) narrows it to one service's handlers. Lag is in
-    positions of the global order: the store's head minus the last position the handler
-    processed (a projection: its checkpoint). With --max-lag/--max-dead/--max-depth it exits 1
+    TARGET (MODULE or MODULE:SERVICE) narrows it to one service's handlers. A handler's lag is
+    the number of stored events after the last one it processed (a projection: its checkpoint)
+    that its bindings bring it, so a caught-up handler shows 0 however busy the store is; a
+    relay's, the events it has yet to publish. With --max-lag/--max-dead/--max-depth it exits 1
     when one is exceeded (and says which), else 0: usable as a health check.
     """
     from eventbus.ops.status import collect, exceeded, render, to_dict
@@ -136,7 +138,13 @@ def status(
         click.echo(json.dumps(to_dict(state, problems), indent=2))
     else:
         click.echo(render(state))
-        if any(note.startswith("unacked n/a") for note in state.notes):
+        notes = [note for note in state.notes if note.startswith("unacked n/a")]
+        if any("refused the login" in note for note in notes):
+            click.echo(
+                "hint: --management-url http://USER:PASSWORD@HOST:15672 names the management "
+                "user (without USER:PASSWORD the broker URL's are used)"
+            )
+        elif notes:
             click.echo("hint: --management-url URL points eventbus status at the management API")
     for problem in problems:
         click.echo(f"eventbus status: exceeded: {problem.message}", err=True)

@@ -1,22 +1,17 @@
 """How far every handler and relay got, and what waits in their queues (``eventbus status``).
 
-Puts the store's numbers (bindings, checkpoints, pauses, lag) together with RabbitMQ's (exact
-depths over AMQP, unacked messages from the management API). Read-only: nothing is written to
-the broker, and a broker or management API that cannot be reached makes numbers unknown (None),
-never an exception.
+Puts the store's numbers (bindings, checkpoints, pauses, lag: ``eventbus.store.lag``) together
+with RabbitMQ's (exact depths over AMQP, unacked messages from the management API). Read-only:
+nothing is written to the broker, and a broker or management API that cannot be reached makes
+numbers unknown (None), never an exception.
 
 Details: ``docs/operations.md``.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import datetime as dt
-import json
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,12 +23,22 @@ import sqlalchemy as sa
 from eventbus.bus.runtime import connect
 from eventbus.logging import redact
 from eventbus.ops.control import Pause, paused, positions
+from eventbus.ops.management import (
+    default_management_url,
+    describe,
+    management_address,
+    management_note,
+    management_unacked,
+)
+from eventbus.store.lag import subscribed_lag
 from eventbus.store.parked import count as parked_counts
 from eventbus.store.store import EventStore
 from eventbus.store.tables import bindings as B
 from eventbus.store.tables import checkpoints as CP
 from eventbus.store.tables import paused as PA
 from eventbus.store.tables import relay_checkpoints as RC
+
+__all__ = ["collect", "default_management_url", "exceeded", "render", "to_dict"]
 
 JSON_VERSION = 1
 PROJECTION_SUFFIX = ".projection"
@@ -51,7 +56,7 @@ class HandlerStatus:
     unacked: int | None  # delivered to a worker, not acked yet (management API)
     dead: int | None  # messages ready in <queue>.dead
     position: int | None  # how far it got in the global order; None: nothing processed yet
-    lag: int | None  # head - position
+    lag: int | None  # events after position that its bindings bring it (eventbus.store.lag)
     paused: Pause | None
 
     @property
@@ -120,14 +125,15 @@ def collect(
 ) -> Status:
     """The status of every known handler queue (or only ``queues``, or those bound to ``exchange``).
 
-    ``management_url`` defaults to ``http://<broker host>:15672`` with the broker URL's
-    credentials; ``unacked=False`` does not ask it. Unreachable broker or API: their numbers
-    are None and ``notes`` says why.
+    ``management_url`` defaults to ``http://<broker host>:15672``; without a user and password
+    it gets the broker URL's. ``unacked=False`` does not ask it. Unreachable broker or API: their
+    numbers are None and ``notes`` says why.
     """
     head = store.head()
     with store.reader() as conn:
         known = known_queues(conn, exchange=exchange, only=queues)
         where = positions(conn, known)
+        lags = subscribed_lag(conn, {q: (where.get(q), _patterns(known[q])) for q in known})
         pauses = paused(conn)
         rows = conn.execute(sa.select(RC).order_by(RC.c.name)).all()
     parked = parked_counts(store.engine)
@@ -164,19 +170,15 @@ def collect(
             broker_reachable = True
         except Exception as exc:
             broker_reachable = False
-            notes.append(f"broker {redact(broker_url)} unreachable: {redact(_describe(exc))}")
+            notes.append(f"broker {redact(broker_url)} unreachable: {redact(describe(exc))}")
         if unacked and broker_reachable and _is_amqp_url(broker_url):
-            api_url = management_url or default_management_url(broker_url)
+            api_url = management_address(management_url, broker_url)
             try:
                 held = management_unacked(api_url, _vhost(broker_url), timeout=timeout)
                 api_reachable = True
             except Exception as exc:
                 api_reachable = False
-                notes.append(
-                    f"unacked n/a: RabbitMQ management API at {redact(api_url)} unreachable "
-                    f"({redact(_describe(exc))}); enable it with 'rabbitmq-plugins enable "
-                    "rabbitmq_management', or give its URL (management_url)"
-                )
+                notes.append(management_note(api_url, exc))
     handlers = []
     for name, patterns in known.items():
         counts = broker.get(name)
@@ -193,7 +195,7 @@ def collect(
                 unacked=held.get(name) if counts and api_reachable else None,
                 dead=dead[0] if dead else None,
                 position=position,
-                lag=None if position is None else max(0, head - position),
+                lag=lags.get(name),
                 paused=pauses.get(name),
             )
         )
@@ -257,54 +259,6 @@ def queue_counts(
                 with contextlib.suppress(Exception):
                     channel.close()
     return result
-
-
-def default_management_url(broker_url: str) -> str:
-    """``http://<user>:<password>@<broker host>:15672``: RabbitMQ's management API by default."""
-    info = kombu.Connection(broker_url)
-    host = info.hostname or "localhost"
-    if ":" in host:  # IPv6
-        host = f"[{host}]"
-    user = urllib.parse.quote(info.userid or "guest", safe="")
-    password = urllib.parse.quote(info.password or "guest", safe="")
-    return f"http://{user}:{password}@{host}:15672"
-
-
-def management_unacked(api_url: str, vhost: str, *, timeout: float = 5.0) -> dict[str, int]:
-    """Unacked messages per queue of ``vhost``, from one request to the management API."""
-    path = f"/api/queues/{urllib.parse.quote(vhost, safe='')}"
-    query = "?columns=name,messages_unacknowledged&disable_stats=false"
-    rows = _management_get(api_url, path + query, timeout=timeout)
-    if not isinstance(rows, list):
-        raise ValueError("the management API answered with something else than a queue list")
-    return {
-        str(r["name"]): int(r.get("messages_unacknowledged") or 0)
-        for r in rows
-        if isinstance(r, dict) and "name" in r
-    }
-
-
-def _management_get(api_url: str, path: str, *, timeout: float) -> Any:
-    parts = urllib.parse.urlsplit(api_url)
-    if parts.scheme not in ("http", "https"):
-        raise ValueError(f"the management URL must be http(s)://, not {parts.scheme or '?'}://")
-    netloc = parts.hostname or "localhost"
-    if ":" in netloc:
-        netloc = f"[{netloc}]"
-    if parts.port:
-        netloc += f":{parts.port}"
-    url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + path, "", ""))
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
-    if parts.username is not None:
-        user = urllib.parse.unquote(parts.username)
-        password = urllib.parse.unquote(parts.password or "")
-        token = base64.b64encode(f"{user}:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as exc:
-        raise ConnectionError(f"HTTP {exc.code} {exc.reason}") from None
 
 
 def exceeded(
@@ -461,16 +415,14 @@ def _iso(moment: dt.datetime, timespec: str = "milliseconds") -> str:
     return moment.astimezone(dt.UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
+def _patterns(bindings: dict[str, list[str]]) -> list[str]:
+    """Every pattern a queue is bound with, on any exchange."""
+    return sorted({p for found in bindings.values() for p in found})
+
+
 def _vhost(broker_url: str) -> str:
     return str(kombu.Connection(broker_url).virtual_host or "/")
 
 
 def _is_amqp_url(broker_url: str) -> bool:
     return broker_url.split("://", 1)[0] in ("amqp", "amqps", "pyamqp", "librabbitmq")
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, urllib.error.URLError) and not isinstance(exc, urllib.error.HTTPError):
-        text = str(exc.reason)
-    return text

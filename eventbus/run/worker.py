@@ -109,6 +109,7 @@ class Worker(Settling, Lanes, Batches):
         # ``_paused``: what the connection's thread applied (its queues without a consumer).
         self._db_pauses: dict[str, str | None] = {}
         self._signal_paused = False
+        self._holder = control.signal_holder()  # how this process's SIGUSR1 marks name it
         self._paused = frozenset()
         self._shared = 0  # handler threads of the unpartitioned handlers, while running
 
@@ -215,7 +216,8 @@ class Worker(Settling, Lanes, Batches):
         self._signal_paused = signum == signal.SIGUSR1
 
     def _watch(self) -> None:
-        """Read the paused queues every second, refresh the lag metrics every 5 s."""
+        """Read the paused queues every second (and mark a SIGUSR1 pause there, for
+        ``eventbus status``), refresh the lag metrics every 5 s."""
         done = self._ended
         queues = list(self._metrics)
         next_lag = 0.0
@@ -223,11 +225,12 @@ class Worker(Settling, Lanes, Batches):
         while not done.is_set():
             try:
                 with self.store.reader() as db:
-                    self._read_pauses(db)
+                    found = self._read_pauses(db)
                     if time.monotonic() >= next_lag:
                         next_lag = time.monotonic() + metrics.REFRESH_INTERVAL
                         for queue, lag in metrics.subscriber_lag(db, queues).items():
                             self._metrics[queue].lag(lag)
+                self._mark_signal_pause(found, self._signal_paused)
                 failing = False
             except Exception as exc:  # keep the pauses read last; say so once per outage
                 if not failing:
@@ -236,12 +239,27 @@ class Worker(Settling, Lanes, Batches):
                     )
                 failing = True
             done.wait(_PAUSE_POLL)
+        with contextlib.suppress(Exception):  # the marks of a process that is gone are ignored
+            with self.store.reader() as db:
+                found = control.paused(db)
+            self._mark_signal_pause(found, False)
 
-    def _read_pauses(self, db: sa.Connection) -> None:
+    def _read_pauses(self, db: sa.Connection) -> dict[str, control.Pause]:
         found = control.paused(db)
-        mine = {q: p.reason for q, p in found.items() if q in self._metrics}
+        mine = {
+            q: p.reason
+            for q, p in found.items()
+            if q in self._metrics and not control.is_signal_mark(p.reason)
+        }
         if mine != self._db_pauses:
             self._db_pauses = mine  # a new dict: the connection's thread sees it changed
+        return found
+
+    def _mark_signal_pause(self, found: dict[str, control.Pause], paused: bool) -> None:
+        """Add this process to (or remove it from) the SIGUSR1 marks of its queues."""
+        changes = control.marks_to_change(found, self._metrics, self._holder, paused)
+        if changes:
+            control.mark_signal_pause(self.store.engine, changes, self._holder, paused)
 
     def _apply_pauses(self, consumers: Consumers) -> tuple[dict[str, str | None], bool]:
         """Cancel the consumers of paused queues, consume the others; returns what it applied.

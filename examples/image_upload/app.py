@@ -36,6 +36,7 @@ from examples.image_upload.tables import friendships, metadata, users
 USERS = {"alice": "Alice", "bob": "Bob", "carol": "Carol", "dave": "Dave", "erin": "Erin"}
 FRIENDS = [("alice", "bob"), ("alice", "carol"), ("bob", "dave"), ("carol", "dave")]
 FRIENDS += [("carol", "erin")]
+DEFAULT_MAX_UPLOAD_BYTES = 5 * 1024 * 1024  # IMAGE_UPLOAD_MAX_BYTES unset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Config:
             media=Path(env("IMAGE_UPLOAD_MEDIA", "media")).resolve(),
             status_url=env("IMAGE_UPLOAD_STATUS_URL", "http://127.0.0.1:8001/statuses"),
             public_url=env("IMAGE_UPLOAD_PUBLIC_URL", "http://127.0.0.1:8000/media").rstrip("/"),
-            max_upload_bytes=int(env("IMAGE_UPLOAD_MAX_BYTES", str(5 * 1024 * 1024))),
+            max_upload_bytes=int(env("IMAGE_UPLOAD_MAX_BYTES", str(DEFAULT_MAX_UPLOAD_BYTES))),
             max_pixels=int(env("IMAGE_UPLOAD_MAX_PIXELS", str(40_000_000))),
             body_timeout=float(env("IMAGE_UPLOAD_BODY_TIMEOUT", "30")),
         )

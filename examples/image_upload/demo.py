@@ -55,6 +55,7 @@ UPLOADS = [  # (who, sample, caption)
     ("carol", "cat.jpg", "Meet Whiskers"),
 ]
 MAX_UPLOAD = 1024 * 1024  # the demo's limit, so that the refused upload is small
+POINTS = "examples.image_upload.points"
 RECORDED_BY = {
     NewImage.type: "upload",
     ImageResized.type: "resizer",
@@ -79,14 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             where = args.dir.resolve()
             where.mkdir(parents=True, exist_ok=True)
-        return Demo(where, args.timeout).run(stack)
+        return Demo(where, args.timeout, kept=args.dir is not None).run(stack)
     return 1  # not reached; mypy cannot tell
 
 
 class Demo:
-    def __init__(self, where: Path, timeout: float) -> None:
+    def __init__(self, where: Path, timeout: float, *, kept: bool = False) -> None:
         self.where = where
         self.timeout = timeout
+        self.kept = kept  # --dir: the database and media stay after the demo
         self.url = f"sqlite:///{where / 'eventbus.db'}"
         self.sessions: dict[str, str] = {}
         self.accepted: list[dict[str, Any]] = []  # the upload service's answers
@@ -126,8 +128,14 @@ class Demo:
                 print(f"eventbus demo: the {worker.service.name} worker did not start")
                 return 1
         say("eventbus demo: the image-upload application as decoupled services, no server")
-        say(f"  database   {self.url} (fresh)")
+        gone = "" if self.kept else "; deleted at the end, --dir DIR keeps it"
+        say(f"  database   {self.url} (fresh{gone})")
         say(f"  media      {self.where / 'media'}")
+        limit, default = _mib(MAX_UPLOAD), _mib(app.DEFAULT_MAX_UPLOAD_BYTES)
+        say(
+            f"  uploads    limit lowered to {limit} (IMAGE_UPLOAD_MAX_BYTES; {default} by default),"
+        )
+        say("             so that the too-large upload is small")
         names = ", ".join(s.name for s in SERVICES)
         say(f"  bus        memory://, with the relay and {names} as threads")
         say(f"  upload     {server.url} (PUT /user/image, POST /login)")
@@ -236,8 +244,14 @@ class Demo:
                 who = RECORDED_BY.get(event.type, "?")
                 where = f"v{event.stream_version} #{event.position:<3}"
                 say(f"     {where} {who:<9}{_story(event, sizes)}")
-        say("\n   points, a projection of logins and uploads (rebuild it from the store with")
-        say("   eventbus replay examples.image_upload.points --reset)")
+        replay = f"eventbus replay {POINTS} --reset"
+        if self.kept:
+            say("\n   points, a projection of logins and uploads; rebuild it from the store with")
+            say(f"   EVENTBUS_DATABASE_URL={self.url} {replay}")
+        else:
+            say("\n   points, a projection of logins and uploads. To rebuild it from the store,")
+            say("   keep the database (this run's goes with its temporary directory): run the demo")
+            say(f"   with --dir DIR, then EVENTBUS_DATABASE_URL=sqlite:///DIR/eventbus.db {replay}")
         with store.reader() as db:
             held = collections.defaultdict(list)
             for row in db.execute(sa.select(badges).order_by(badges.c.earned_at, badges.c.badge)):
@@ -357,6 +371,10 @@ def _n(count: int, thing: str) -> str:
 
 def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1024 / 1024:g} MiB"
 
 
 def _kb(size: int) -> str:

@@ -14,8 +14,8 @@ back: the client must retry, and the key must keep it to one status.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -105,16 +105,20 @@ def _handler(blog: Microblog) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then exit 0."""
     parser = argparse.ArgumentParser(prog="python -m examples.image_upload.microblog")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8001)
-    args = parser.parse_args()
-    blog = Microblog()
-    server = ThreadingHTTPServer((args.host, args.port), _handler(blog))
-    print(f"microblog: POST statuses to http://{args.host}:{args.port}/statuses", flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.serve_forever()
+    parser.add_argument("--port", type=int, default=8001, help="0: any free port")
+    args = parser.parse_args(argv)
+    blog = Microblog().start(args.host, args.port)
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    print(f"microblog: POST statuses to {blog.url}", flush=True)
+    stopping.wait()
+    blog.stop()
+    print("microblog: stopped", flush=True)
 
 
 if __name__ == "__main__":
