@@ -10,11 +10,14 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from eventbus import __version__
+
+if TYPE_CHECKING:
+    from eventbus.settings import FileConfig
 
 # name -> (module, attribute, the first paragraph of its help: what ``eventbus --help`` lists
 # without importing the module; tests/test_cli_fast.py checks that it matches the command's).
@@ -68,7 +71,7 @@ COMMANDS = {
     "run": (
         "eventbus.cli.run",
         "run",
-        "Run the handlers of a service: TARGET is MODULE or MODULE:SERVICE.",
+        "Run the handlers of one or more services: each TARGET is MODULE or MODULE:SERVICE.",
     ),
     "status": (
         "eventbus.cli.status",
@@ -79,8 +82,61 @@ COMMANDS = {
 }
 
 
+class FileDefaults(dict[str, Any]):
+    """A context's ``default_map`` holding what the settings file gives (``eventbus.settings``),
+    by parameter name; a command's own map is added under its name once it loads."""
+
+    def __init__(self, config: FileConfig, command: click.Command) -> None:
+        super().__init__(_file_defaults(config, command))
+        self.config = config
+
+
+def _file_defaults(config: FileConfig, command: click.Command) -> dict[str, Any]:
+    """``command``'s parameters the file gives a value for (an option whose envvar is
+    ``EVENTBUS_<KEY>`` takes ``<key>``), and the maps of the commands under it; each such option's
+    help ends with where the value came from."""
+    found: dict[str, Any] = {}
+    for param in command.params:
+        if not isinstance(param, click.Option) or param.name is None:
+            continue
+        base = param.__dict__.setdefault("eventbus_help", param.help)
+        envvar = param.envvar if isinstance(param.envvar, str) else ""
+        key = envvar.removeprefix("EVENTBUS_").lower()
+        source = config.source(key) if envvar.startswith("EVENTBUS_") else None
+        param.help = f"{base} {source}" if source and base else (source or base)
+        if source:
+            found[param.name] = config.get(key)
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            found[name] = _file_defaults(config, sub)
+    return found
+
+
 class LazyGroup(click.Group):
-    """A group whose commands (``COMMANDS``) load when one is asked for, not before."""
+    """A group whose commands (``COMMANDS``) load when one is asked for, not before; the
+    settings file (``eventbus.settings``) gives the options' defaults, below flags and the
+    environment."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        if parent is None and "default_map" not in extra:
+            from eventbus.settings import ConfigError, load_file
+
+            try:
+                config = load_file()
+            except ConfigError as exc:
+                click.echo(f"eventbus: {exc}", err=True)
+                sys.exit(2)
+            size = config.get("max_event_bytes")
+            if size is not None:  # read by the store (eventbus.store.limits), below the env
+                os.environ.setdefault("EVENTBUS_MAX_EVENT_BYTES", str(size))
+            extra["default_map"] = FileDefaults(config, self)
+        return super().make_context(info_name, args, parent, **extra)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*COMMANDS, *self.commands})
@@ -93,7 +149,10 @@ class LazyGroup(click.Group):
             command: click.Command = getattr(importlib.import_module(module), attr)
             add_log_options(command)  # --log-level/--log-format on it and its subcommands
             self.add_command(command, cmd_name)
-        return self.commands.get(cmd_name)
+        found = self.commands.get(cmd_name)
+        if found is not None and isinstance(ctx.default_map, FileDefaults):
+            ctx.default_map[cmd_name] = _file_defaults(ctx.default_map.config, found)
+        return found
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         names = self.list_commands(ctx)
@@ -132,19 +191,39 @@ def load_service(target: str) -> Any:
 
 
 def load_target(target: str, kind: type[Any], label: str, placeholder: str) -> Any:
-    """The ``kind`` object that ``MODULE[:NAME]`` names (the only one in MODULE without NAME)."""
+    """The ``kind`` object that ``MODULE[:NAME]`` names (the only one in MODULE without NAME).
+
+    NAME is the attribute or the object's own ``name`` (``scores`` or ``points`` for
+    ``scores = Service("points")``); an unknown NAME is a usage error listing the candidates.
+    """
     module_name, _, attr = target.partition(":")
     sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise click.UsageError(f"cannot import {module_name!r}: {exc}") from None
+    candidates = {n: v for n, v in vars(module).items() if isinstance(v, kind)}
     if attr:
         found = getattr(module, attr, None)
-        if not isinstance(found, kind):
-            raise click.UsageError(f"{module_name}:{attr} is not an eventbus {label}")
-        return found
-    candidates = {n: v for n, v in vars(module).items() if isinstance(v, kind)}
+        if isinstance(found, kind):
+            return found
+        named = {id(v): v for v in candidates.values() if getattr(v, "name", None) == attr}
+        if len(named) == 1:
+            return next(iter(named.values()))
+        if named:
+            same = ", ".join(n for n, v in sorted(candidates.items()) if id(v) in named)
+            raise click.UsageError(
+                f"{module_name} has {len(named)} {label}s named {attr!r} ({same}); "
+                f"name one by its attribute: MODULE:{placeholder}"
+            )
+        listed = [
+            n if getattr(v, "name", n) == n else f"{n} ({v.name!r})"
+            for n, v in sorted(candidates.items())
+        ]
+        raise click.UsageError(
+            f"{module_name}:{attr} is not an eventbus {label}; "
+            + (f"{module_name} has: {', '.join(listed)}" if listed else f"{module_name} has none")
+        )
     if len(candidates) != 1:
         names = ", ".join(sorted(candidates)) or "none"
         raise click.UsageError(

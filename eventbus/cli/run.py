@@ -1,8 +1,14 @@
-"""``eventbus run MODULE[:SERVICE]``: run a service's handlers until stopped."""
+"""``eventbus run TARGET...``: run the handlers of one or more services until stopped.
+
+One target runs its worker in the main thread; several run a worker thread each, stopped
+together by SIGTERM/SIGINT, or when one of them (or the embedded relay) gives up.
+"""
 
 from __future__ import annotations
 
+import signal
 import threading
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -15,9 +21,12 @@ from eventbus.cli.options import (
     settings,
 )
 
+if TYPE_CHECKING:
+    from eventbus.run.worker import Worker
+
 
 @click.command()
-@click.argument("target")
+@click.argument("targets", nargs=-1, required=True, metavar="TARGET...")
 @broker_options
 @click.option(
     "--prefetch",
@@ -42,7 +51,7 @@ from eventbus.cli.options import (
 )
 @metrics_options
 def run(
-    target: str,
+    targets: tuple[str, ...],
     broker_url: str | None,
     database_url: str | None,
     exchange: str | None,
@@ -52,17 +61,24 @@ def run(
     metrics_port: int | None,
     metrics_host: str,
 ) -> None:
-    """Run the handlers of a service: TARGET is MODULE or MODULE:SERVICE.
+    """Run the handlers of one or more services: each TARGET is MODULE or MODULE:SERVICE.
 
-    On memory:// (the embedded default) this process also runs a relay of its own, since
-    memory:// cannot carry messages between processes. SIGUSR1 pauses every handler of the
-    process (its queues are not consumed; in-flight messages finish), SIGUSR2 resumes them.
+    SERVICE is the attribute or the service's own name. Several targets run in one process, a
+    worker thread each (eventbus run app.resizer app.notifier): SIGTERM/SIGINT stops them all
+    (exit 0); one that gives up stops the others (exit 3). On memory:// (the embedded default)
+    this process also runs a relay of its own, since memory:// cannot carry messages between
+    processes. SIGUSR1 pauses every handler of the process (its queues are not consumed;
+    in-flight messages finish), SIGUSR2 resumes them.
     """
     from eventbus.cli import load_service
     from eventbus.run.relay import Relay
     from eventbus.run.worker import Worker
 
-    service = load_service(target)
+    services = [load_service(target) for target in targets]
+    names = [service.name for service in services]
+    for name in names:
+        if names.count(name) > 1:
+            raise click.UsageError(f"the service {name!r} is named twice: run it once")
     config = settings(
         "run",
         broker_url=broker_url,
@@ -72,36 +88,44 @@ def run(
     )
     serve_metrics(metrics_port, metrics_host)  # first: a taken port is exit 1 as before
     store = open_checked_store("run", config.broker_url, config.database_url)
-    worker = Worker(
-        service,
-        broker_url=config.broker_url,
-        store=store,
-        exchange=config.exchange,
-        prefetch=prefetch,
-        concurrency=concurrency,
-        queue_type=config.queue_type,
-    )
+    workers = [
+        Worker(
+            service,
+            broker_url=config.broker_url,
+            store=store,
+            exchange=config.exchange,
+            prefetch=prefetch,
+            concurrency=concurrency,
+            queue_type=config.queue_type,
+        )
+        for service in services
+    ]
     embedded: Relay | None = None
     relay_failed: list[Exception] = []
     relaying = threading.Thread()
     if config.broker_url.startswith("memory://"):
+        # One relay for the process (its name is its checkpoint's): each event published once.
         embedded = Relay(
-            store, config.broker_url, exchange=config.exchange, name=f"embedded-{service.name}"
+            store, config.broker_url, exchange=config.exchange, name="embedded-" + "+".join(names)
         )
 
-        def relay_or_end(relay: Relay) -> None:  # a relay that gave up (NotReady) ends the worker
+        def relay_or_end(relay: Relay) -> None:  # a relay that gave up (NotReady) ends the workers
             try:
                 relay.run()
             except Exception as exc:
                 relay_failed.append(exc)
-                worker.stop()
+                for worker in workers:
+                    worker.stop()
 
         relaying = threading.Thread(
             target=relay_or_end, args=(embedded,), name="eventbus-relay-embedded", daemon=True
         )
         relaying.start()
     try:
-        worker.run()
+        if len(workers) == 1:
+            workers[0].run()
+        else:
+            run_together(workers)
         if relay_failed:
             raise relay_failed[0]
     except Exception as exc:
@@ -111,3 +135,49 @@ def run(
         if embedded is not None:
             embedded.stop()
             relaying.join(30)
+
+
+def run_together(workers: list[Worker]) -> None:
+    """Run each worker in a thread of its own until SIGTERM/SIGINT, or until one of them ends
+    (it gave up: the others stop too, and its error is raised once all have stopped)."""
+    ended = threading.Event()
+    failed: list[BaseException] = []
+
+    def run_one(worker: Worker) -> None:
+        try:
+            worker.run(install_signal_handlers=False)
+        except BaseException as exc:  # logged by run() as worker.failed
+            failed.append(exc)
+        finally:
+            ended.set()
+
+    def on_stop(signum: int, _frame: Any) -> None:
+        for worker in workers:
+            worker._on_signal(signum)  # logs worker.stopping and stops taking messages
+
+    def on_pause(signum: int, _frame: Any) -> None:
+        for worker in workers:
+            worker._on_pause_signal(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_stop)
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, on_pause)
+    threads = [
+        threading.Thread(
+            target=run_one, args=(worker,), name=f"eventbus-worker-{worker.service.name}"
+        )
+        for worker in workers
+    ]
+    for thread in threads:
+        thread.start()
+    while not ended.wait(1.0):  # a timeout: signal handlers run in this thread meanwhile
+        pass
+    for worker in workers:
+        worker.stop()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(1.0)
+    if failed:
+        raise failed[0]
