@@ -14,19 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from eventbus.cli.options import redact
+from eventbus.cli.options import database_url_option, redact
 from eventbus.settings import Settings
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
 
 _TARGETS = click.argument("targets", nargs=-1, required=True, metavar="QUEUE|MODULE:SERVICE...")
-_DATABASE = click.option(
-    "--database-url",
-    envvar="EVENTBUS_DATABASE_URL",
-    default=None,
-    help="Database URL [env: EVENTBUS_DATABASE_URL; default: sqlite:///eventbus.db].",
-)
+_DATABASE = database_url_option
 
 
 @click.command()

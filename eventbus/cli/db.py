@@ -11,16 +11,9 @@ from typing import NoReturn, TypeVar
 
 import click
 
-from eventbus.cli.options import redact, settings
+from eventbus.cli.options import database_url_option, redact, settings
 
 T = TypeVar("T")
-
-database_url_option = click.option(
-    "--database-url",
-    envvar="EVENTBUS_DATABASE_URL",
-    default=None,
-    help="Database URL [env: EVENTBUS_DATABASE_URL; default: sqlite:///eventbus.db].",
-)
 
 
 @click.group()

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from eventbus.cli.options import check_broker, redact
-from eventbus.cli.status import BROKER_HELP, DATABASE_HELP, open_store
+from eventbus.cli.options import broker_url_option, check_broker, database_url_option, redact
+from eventbus.cli.status import open_store
 from eventbus.settings import Settings
 
 if TYPE_CHECKING:
@@ -21,8 +21,7 @@ T = TypeVar("T")
 _QUEUE_HELP = "QUEUE is a handler's queue (<service>.<handler>) or its .dead queue."
 
 
-def _broker(fn: Any) -> Any:
-    return click.option("--broker-url", envvar="EVENTBUS_BROKER_URL", help=BROKER_HELP)(fn)
+_broker = broker_url_option
 
 
 def _ids(fn: Any) -> Any:
@@ -76,7 +75,7 @@ def dead_letters() -> None:
 @dead_letters.command("list")
 @click.argument("queue", required=False)
 @_broker
-@click.option("--database-url", envvar="EVENTBUS_DATABASE_URL", help=DATABASE_HELP)
+@database_url_option
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(min=0))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_(

@@ -28,19 +28,21 @@ def options(*decorators: Decorator) -> Decorator:
     return apply
 
 
+broker_url_option = click.option(
+    "--broker-url",
+    envvar="EVENTBUS_BROKER_URL",
+    default=None,
+    help="Broker URL [env: EVENTBUS_BROKER_URL; default: memory://].",
+)
+database_url_option = click.option(
+    "--database-url",
+    envvar="EVENTBUS_DATABASE_URL",
+    default=None,
+    help="Database URL [env: EVENTBUS_DATABASE_URL; default: sqlite:///eventbus.db].",
+)
 broker_options = options(
-    click.option(
-        "--broker-url",
-        envvar="EVENTBUS_BROKER_URL",
-        default=None,
-        help="Broker URL [env: EVENTBUS_BROKER_URL; default: memory://].",
-    ),
-    click.option(
-        "--database-url",
-        envvar="EVENTBUS_DATABASE_URL",
-        default=None,
-        help="Database URL [env: EVENTBUS_DATABASE_URL; default: sqlite:///eventbus.db].",
-    ),
+    broker_url_option,
+    database_url_option,
     click.option(
         "--exchange",
         envvar="EVENTBUS_EXCHANGE",

@@ -12,20 +12,10 @@ import sys
 import click
 
 from eventbus.cli import options
-from eventbus.cli.options import open_checked_store
+from eventbus.cli.options import broker_url_option, database_url_option, open_checked_store
 
-_DATABASE = click.option(
-    "--database-url",
-    envvar="EVENTBUS_DATABASE_URL",
-    default=None,
-    help="Database URL [env: EVENTBUS_DATABASE_URL; default: sqlite:///eventbus.db].",
-)
-_BROKER = click.option(
-    "--broker-url",
-    envvar="EVENTBUS_BROKER_URL",
-    default=None,
-    help="Broker URL [env: EVENTBUS_BROKER_URL; default: memory://].",
-)
+_DATABASE = database_url_option
+_BROKER = broker_url_option
 
 
 @click.group()

@@ -8,29 +8,27 @@ from typing import Any
 
 import click
 
-from eventbus.cli.options import open_checked_store, redact, settings
+from eventbus.cli.options import (
+    broker_url_option,
+    database_url_option,
+    open_checked_store,
+    options,
+    redact,
+    settings,
+)
 
-DATABASE_HELP = "Database URL [env: EVENTBUS_DATABASE_URL; default: sqlite:///eventbus.db]."
-BROKER_HELP = "Broker URL [env: EVENTBUS_BROKER_URL; default: memory://]."
 MANAGEMENT_HELP = (
     "RabbitMQ management API, for unacked counts [env: EVENTBUS_MANAGEMENT_URL; default: "
     "http://<broker host>:15672]; without a user and password it uses the broker URL's."
 )
 
 
-def store_options(fn: Any) -> Any:
-    """--broker-url, --database-url and --management-url, read from the environment too."""
-    for option in reversed(
-        [
-            click.option("--broker-url", envvar="EVENTBUS_BROKER_URL", help=BROKER_HELP),
-            click.option("--database-url", envvar="EVENTBUS_DATABASE_URL", help=DATABASE_HELP),
-            click.option(
-                "--management-url", envvar="EVENTBUS_MANAGEMENT_URL", help=MANAGEMENT_HELP
-            ),
-        ]
-    ):
-        fn = option(fn)
-    return fn
+# --broker-url, --database-url and --management-url, read from the environment too.
+store_options = options(
+    broker_url_option,
+    database_url_option,
+    click.option("--management-url", envvar="EVENTBUS_MANAGEMENT_URL", help=MANAGEMENT_HELP),
+)
 
 
 def open_store(
