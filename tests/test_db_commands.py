@@ -17,7 +17,7 @@ from eventbus.store.migrate import VERSION_TABLE, current, upgrade
 from tests.conftest import fresh_pg_database
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAD = "0005"
+HEAD = "0006"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -97,16 +97,16 @@ def test_a_database_at_0004_in_alembic_version_is_moved_over_and_upgraded(empty_
 def test_any_db_command_moves_the_revision_over(empty_url: str, tmp_path: Path) -> None:
     migrated_by_an_older_eventbus(empty_url, "0004")
     out = ok(eventbus(tmp_path, "current", "--database-url", empty_url))
-    assert out.startswith("0004 (head is 0005")
+    assert out.startswith(f"0004 (head is {HEAD}")
     assert "alembic_version" not in tables(empty_url)
     assert ok(eventbus(tmp_path, "upgrade", "--database-url", empty_url))
     assert current(empty_url) == HEAD
 
 
 def test_only_eventbuss_row_leaves_an_alembic_version_shared_with_a_branch(empty_url: str) -> None:
-    migrated_by_an_older_eventbus(empty_url, HEAD)
+    migrated_by_an_older_eventbus(empty_url, "0005")  # the last one an older eventbus wrote there
     sql(empty_url, "INSERT INTO alembic_version VALUES ('a1b2c3d4e5f6')")
-    assert current(empty_url) == HEAD
+    assert current(empty_url) == "0005"
     assert sql(empty_url, "SELECT version_num FROM alembic_version") == [["a1b2c3d4e5f6"]]
 
 
@@ -136,23 +136,23 @@ def test_current_history_downgrade_upgrade_round_trip(empty_url: str, tmp_path: 
         "is at revision 0003\n"
     )
     behind = ok(eventbus(tmp_path, "current", *url))
-    assert behind == "0003 (head is 0005: 'eventbus db upgrade' applies the rest)\n"
+    assert behind == f"0003 (head is {HEAD}: 'eventbus db upgrade' applies the rest)\n"
     history = ok(eventbus(tmp_path, "history", *url)).splitlines()
-    assert [line.split()[0] for line in history] == ["0001", "0002", "0003", "0004", "0005"]
+    assert [line.split()[0] for line in history] == ["0001", "0002", "0003", "0004", "0005", "0006"]
     assert history[2] == (
         "0003  Replay and projections: subscriber checkpoints, recorded failures, aggregate "
         "snapshots. (current)"
     )
-    assert history[4].endswith("(head)")
-    assert ok(eventbus(tmp_path, "upgrade", *url)).endswith("is at revision head (0005)\n")
-    assert ok(eventbus(tmp_path, "current", *url)) == "0005 (head)\n"
-    assert ok(eventbus(tmp_path, "history", *url)).splitlines()[4].endswith("(head, current)")
+    assert history[-1].endswith("(head)")
+    assert ok(eventbus(tmp_path, "upgrade", *url)).endswith(f"is at revision head ({HEAD})\n")
+    assert ok(eventbus(tmp_path, "current", *url)) == f"{HEAD} (head)\n"
+    assert ok(eventbus(tmp_path, "history", *url)).splitlines()[-1].endswith("(head, current)")
 
     declined = eventbus(tmp_path, "downgrade", "0003", *url, stdin="n\n")
     one_line(declined, 1, "eventbus db downgrade: not confirmed")
     assert current(empty_url) == HEAD
     confirmed = eventbus(tmp_path, "downgrade", "0003", *url, stdin="y\n")
-    assert "Revert 0005, 0004 on" in ok(confirmed)
+    assert "Revert 0006, 0005, 0004 on" in ok(confirmed)
     assert current(empty_url) == "0003"
     assert not {"eventbus_paused", "eventbus_parked"} & tables(empty_url)
     one_line(eventbus(tmp_path, "downgrade", "0004", *url, "--yes"), 2, "not an ancestor")

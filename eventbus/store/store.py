@@ -406,9 +406,10 @@ _INSERT_ONE = (
     sa.text(
         f"""
         INSERT INTO {T.name} (event_id, stream_id, stream_version, type, schema_version,
-                              occurred_at, correlation_id, causation_id, payload, routing_key)
+                              occurred_at, correlation_id, causation_id, payload, routing_key,
+                              headers)
         SELECT :event_id, :stream_id, {_CURRENT} + 1, :type, :schema_version,
-               :occurred_at, :correlation_id, :causation_id, :payload, :routing_key
+               :occurred_at, :correlation_id, :causation_id, :payload, :routing_key, :headers
         WHERE CAST(:expected AS INTEGER) IS NULL OR {_CURRENT} = :expected
         RETURNING stream_version
         """
@@ -439,6 +440,7 @@ def _row(
         "causation_id": event.causation_id,
         "payload": payload,
         "routing_key": None if event.routing_key == event.type else event.routing_key,
+        "headers": None,
     }
 
 

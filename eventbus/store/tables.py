@@ -76,6 +76,9 @@ events = sa.Table(
     # The routing key the class declared when appended (NULL: the type). Stored so that the
     # relay publishes without importing the application's event classes.
     sa.Column("routing_key", sa.String(255), nullable=True),
+    # Delivery properties decided at append, for the relay to publish with (NULL: none):
+    # {"priority": int, "expiration_ms": int, "traceparent": str, "tracestate": str}.
+    sa.Column("headers", Payload, nullable=True),
     sa.UniqueConstraint("event_id"),
     sa.UniqueConstraint("stream_id", "stream_version"),
     sa.UniqueConstraint("position"),
