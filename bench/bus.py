@@ -18,7 +18,9 @@ Rows, all in one run (absolute numbers drift on shared machines; compare the rat
 2. worker: ``Worker.start()`` until ``counts["processed"] == N`` on a queue pre-filled with N
    events, no-op handler, prefetch 100 (processed records written to PostgreSQL, as always); raw:
    a kombu Consumer, prefetch 100, acking the same N messages one by one, no decoding. Both
-   include connecting (the worker also declares its queues).
+   include connecting (the worker also declares its queues). Peer: a FastStream RabbitMQ
+   subscriber process (``bench/faststream_consume.py``, prefetch 100, ack after the handler, JSON
+   body decoded) drains the same N messages, from before connecting to the N-th handler call.
 3. end to end: the relay (``python -m eventbus relay``) and the worker (``python -m eventbus run``)
    run as separate processes, as in production, sharing the cores with PostgreSQL, RabbitMQ and
    the appender processes. Throughput: appenders store N events in appends of 100; events/s from
@@ -446,6 +448,36 @@ def bench_raw_consume(bench: Bench, messages: list[Message]) -> float:
     return len(messages) / secs
 
 
+FASTSTREAM_PIP = "pip install 'faststream[rabbit]==0.7.8'"
+
+
+def bench_faststream(bench: Bench, messages: list[Message]) -> float | None:
+    """A FastStream subscriber process draining the same N messages (None: not installed)."""
+    python = bench.args.faststream_python
+    probe = subprocess.run([python, "-c", "import faststream.rabbit"], capture_output=True)
+    if probe.returncode != 0:
+        print(f"  FastStream: not installed for {python} ({FASTSTREAM_PIP})", flush=True)
+        return None
+    queue = f"bench-faststream-{bench.tag}"
+    bench.declare_queue(queue)
+    raw_publish(bench.amqp, "", queue, messages, 500)
+    bench.wait_messages(queue, len(messages))
+    out = subprocess.run(
+        [python, str(BENCH / "faststream_consume.py"), bench.amqp, queue, str(len(messages))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"the FastStream consumer failed: {out.stderr.strip()[-2000:]}")
+    left = bench.queue_info(queue)[0]
+    if left != 0:
+        raise SystemExit(f"the FastStream consumer left {left} messages")
+    rate = len(messages) / float(out.stdout.split()[-1])
+    print(f"  FastStream subscriber: {rate:,.0f}/s", flush=True)
+    return rate
+
+
 # -- 3. end to end -------------------------------------------------------------------------------
 
 
@@ -660,6 +692,11 @@ def main() -> None:
         "--paced-appenders", type=int, default=4, help="appender processes (paced run)"
     )
     parser.add_argument(
+        "--faststream-python",
+        default=sys.executable,
+        help=f"the Python whose FastStream drains the peer row ({FASTSTREAM_PIP})",
+    )
+    parser.add_argument(
         "--only", default="relay,worker,e2e", help="rows to run: relay, worker, e2e (comma list)"
     )
     args = parser.parse_args()
@@ -682,6 +719,19 @@ def main() -> None:
                     w2 = bench_worker(bench, 2)
                     rows.append(row("worker, prefetch 100, concurrency 1", w1, raw, ">= 70%", 0.7))
                     rows.append(row("worker, prefetch 100, concurrency 2", w2, raw, "", None))
+                    fs = bench_faststream(bench, messages)
+                    if fs is not None:
+                        rows.append(row("FastStream subscriber, prefetch 100", fs, raw, "", None))
+                        rows.append(
+                            (
+                                "eventbus worker vs FastStream",
+                                "",
+                                "",
+                                f"{w1 / fs:.0%}",
+                                "> 100%",
+                                "pass" if w1 > fs else "FAIL",
+                            )
+                        )
                 e2e = bench_end_to_end(bench) if "e2e" in only else None
             finally:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
