@@ -39,6 +39,7 @@ class Outcome(enum.Enum):
     HELD = "held"  # partitions: behind a failure of its partition
     EXHAUSTED = "exhausted"  # partitions: dead-letter after the retries in place
     DROP = "drop"  # partitions: neither ack nor reject, its channel's closing gives it back
+    EXPIRED = "expired"  # received after its event's expires_at: acked or dead-lettered, not run
 
 
 @dataclasses.dataclass(eq=False)
