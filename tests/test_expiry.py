@@ -84,7 +84,7 @@ def test_append_decides_the_delivery_headers(store: EventStore) -> None:
     assert headers["test.expiry.ping"]["priority"] == 3
     assert headers["test.expiry.plain"] is None
     assert headers["test.expiry.ticket"] == {"priority": 200}
-    with pytest.raises(StoreError, match="append test.expiry.plain: priority must be"):
+    with pytest.raises(StoreError, match=r"append test\.expiry\.plain: priority must be"):
         store.append("s-3", [Plain(n=2)], priority=300)
     assert store.stream_version("s-3") == 0
 
