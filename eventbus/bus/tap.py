@@ -95,6 +95,7 @@ class Tap:
         self.queue: str | None = None  # the broker's name for the tap's queue, once declared
         self.ready = threading.Event()  # set once the queue is bound and consumed
         self.seen = 0
+        self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._log = log.bind(exchange=exchange, patterns=list(self.patterns))
@@ -118,19 +119,16 @@ class Tap:
         patterns = set(self.patterns)
         if not amqp:
             patterns = set().union(*(virtual_patterns(p) for p in patterns))
-        exchange = kombu.Exchange(self.exchange, "topic", durable=True)
-        queue = kombu.Queue(
+        self.queue, _, _ = channel.queue_declare(
             "",
-            exchange=exchange,
-            bindings=[kombu.binding(exchange, routing_key=p) for p in sorted(patterns)],
             durable=False,
             exclusive=True,
             auto_delete=True,
-            queue_arguments={"x-max-length": self.max_length, "x-overflow": "drop-head"},
-            channel=channel,
+            arguments={"x-max-length": self.max_length, "x-overflow": "drop-head"},
         )
-        queue.declare()
-        self.queue = queue.name
+        for pattern in sorted(patterns):
+            channel.queue_bind(self.queue, self.exchange, routing_key=pattern)
+        queue = kombu.Queue(self.queue, no_declare=True, channel=channel)
 
         def take(message: Any) -> None:
             tapped = Tapped(
@@ -161,12 +159,23 @@ class Tap:
         self.ready.clear()
 
     def start(self, on_message: Callable[[Tapped], Any]) -> Tap:
-        """Tap in a daemon thread of this process."""
-        self._thread = threading.Thread(
-            target=self.run, args=(on_message,), name="eventbus-tap", daemon=True
-        )
+        """Tap in a daemon thread of this process (``error``: why it gave up, if it did)."""
+
+        def run() -> None:
+            try:
+                self.run(on_message)
+            except Exception as exc:  # NotReady: the broker refuses for good
+                self.error = exc
+                self._stop.set()
+
+        self._thread = threading.Thread(target=run, name="eventbus-tap", daemon=True)
         self._thread.start()
         return self
+
+    @property
+    def running(self) -> bool:
+        """True from ``start()`` until it stopped or gave up."""
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop tapping; the connection closes and the broker deletes the queue."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 from typing import Any
 
 import click
@@ -57,11 +58,18 @@ def tap(
         sys.stdout.write(json.dumps(line, default=str, ensure_ascii=False) + "\n")
         sys.stdout.flush()
 
-    signal.signal(signal.SIGTERM, lambda *_: t.stop(timeout=0))
-    signal.signal(signal.SIGINT, lambda *_: t.stop(timeout=0))
-    click.echo(f"eventbus tap: {', '.join(t.patterns)} on {config.exchange}; Ctrl-C ends", err=True)
-    try:
-        t.run(show)
-    except Exception as exc:
-        exit_if_permanent("tap", exc)
-        raise
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    t.start(show)
+    while not t.ready.wait(0.1) and t.running and not stopping.is_set():
+        pass
+    if t.ready.is_set():
+        bound = ", ".join(t.patterns)
+        click.echo(f"eventbus tap: {bound} on {config.exchange} (Ctrl-C ends)", err=True)
+    while t.running and not stopping.wait(0.2):
+        pass
+    t.stop()
+    if t.error is not None:
+        exit_if_permanent("tap", t.error)
+        raise t.error
