@@ -125,7 +125,7 @@ class WorkerBase(Runtime):
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
-            self.counts[name] += n
+            self.counts[name] = self.counts.get(name, 0) + n  # "expired": from the first one
 
 
 def log_fields(job: Job, attempt: int | None) -> dict[str, Any]:

@@ -91,7 +91,7 @@ class Worker(Settling, Lanes, Batches):
         # Half the prefetch by default: the broker keeps sending while a batch is processed.
         self.batch_size = max(1, batch_size or prefetch // 2)
         self.queue_type = queue_type
-        self.counts = {"processed": 0, "duplicate": 0, "retried": 0, "dead": 0, "expired": 0}
+        self.counts = {"processed": 0, "duplicate": 0, "retried": 0, "dead": 0}
         self._jobs = queues.Queue()
         self._done = queues.Queue()
         self._insert_processed = processed_recorder(store.engine.dialect.name)
