@@ -17,6 +17,7 @@ from eventbus import _deprecated
 if TYPE_CHECKING:
     from marshmallow import fields, validate
 
+    from eventbus.bus.tap import Tap
     from eventbus.errors import EventbusError
     from eventbus.events.model import Event
     from eventbus.logging import configure_logging
@@ -48,6 +49,7 @@ _PUBLIC = {
     "Responders": ("eventbus.rpc.responders", "Responders"),
     "Service": ("eventbus.subscribe.subscriptions", "Service"),
     "Settings": ("eventbus.settings", "Settings"),
+    "Tap": ("eventbus.bus.tap", "Tap"),
     "Worker": ("eventbus.run.worker", "Worker"),
     "configure_logging": ("eventbus.logging", "configure_logging"),
     "fields": ("marshmallow", "fields"),
@@ -71,6 +73,7 @@ __all__ = [
     "Responders",
     "Service",
     "Settings",
+    "Tap",
     "Worker",
     "configure_logging",
     "fields",

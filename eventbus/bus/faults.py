@@ -38,9 +38,9 @@ def permanent(exc: BaseException) -> str | None:
             return "the broker refuses the virtual host: check the broker URL's vhost and the user"
         if isinstance(error, amqp.exceptions.PreconditionFailed) and error.method_sig in _DECLARES:
             what = _DECLARES[error.method_sig]
-            return (
-                f"the {what} exists on the broker with other settings ({error.reply_text}): "
-                f"delete the {what}, or start with the settings it was declared with"
+            return f"the {what} exists on the broker with other settings ({error.reply_text}): " + (
+                delivery_fix(str(error.reply_text))
+                or f"delete the {what}, or start with the settings it was declared with"
             )
         if isinstance(error, sqlalchemy.exc.DBAPIError):
             orig = error.orig
@@ -51,6 +51,18 @@ def permanent(exc: BaseException) -> str | None:
             return fix
         error = error.__cause__
     return None
+
+
+def delivery_fix(refusal: str) -> str | None:
+    """The fix when a queue's refused redeclare is about ``max_priority`` or
+    ``on_expired='dead_letter'`` (docs/delivery.md); None for other arguments."""
+    if "x-max-priority" not in refusal and "x-dead-letter" not in refusal:
+        return None
+    return (
+        "the handler's max_priority or on_expired='dead_letter' changes its queue's arguments, "
+        "which RabbitMQ cannot do to an existing queue: stop its workers once it is drained, "
+        "delete it (rabbitmqctl delete_queue NAME) and start them again, or keep the old setting"
+    )
 
 
 def first_line(exc: BaseException) -> str:

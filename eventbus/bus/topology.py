@@ -17,6 +17,8 @@ import amqp.exceptions
 import kombu
 import sqlalchemy as sa
 
+from eventbus.bus.delivery import delivery_arguments
+from eventbus.bus.faults import delivery_fix
 from eventbus.bus.wire import declare_exchange, is_amqp
 from eventbus.errors import BusError
 from eventbus.events.topics import virtual_patterns
@@ -73,7 +75,9 @@ class Topology:
                         handler.queue,
                         durable=True,
                         auto_delete=False,
-                        queue_arguments=args,
+                        queue_arguments={**args, **delivery_arguments(handler, self.queue_type)}
+                        if not virtual
+                        else args,
                         channel=channel,
                     )
                     queue.declare()
@@ -273,10 +277,8 @@ def _replace_rows(
 def declare_error(service: Service, exc: BaseException) -> BusError:
     # A queue exists with other arguments (classic vs quorum, another TTL): retrying cannot fix
     # that, a person must.
-    return BusError(
-        f"service {service.name}: cannot declare its queues: {exc}. "
-        "Delete the queue or use the queue type it was declared with."
-    )
+    fix = delivery_fix(str(exc)) or "Delete the queue or use the queue type it was declared with"
+    return BusError(f"service {service.name}: cannot declare its queues: {exc}. {fix}.")
 
 
 def queue_state(conn: kombu.Connection, queue: str) -> tuple[int, int] | None:

@@ -315,6 +315,8 @@ class Publisher:
             ):
                 self._returned.append(properties["message_id"])
                 continue
+            if "expiration" in properties:  # kombu's publish takes seconds (AMQP: ms text)
+                properties = {**properties, "expiration": int(properties["expiration"]) / 1000}
             self._producer.publish(
                 body, routing_key=routing_key, headers=headers, retry=False, **properties
             )

@@ -79,6 +79,11 @@ COMMANDS = {
         "Show every handler's queue depth, consumers, unacked, lag, dead letters and pause, "
         "and each relay's lag.",
     ),
+    "tap": (
+        "eventbus.cli.tap",
+        "tap",
+        "Print the events crossing the exchange, one JSON line each, until Ctrl-C.",
+    ),
 }
 
 

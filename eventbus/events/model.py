@@ -146,12 +146,17 @@ class Event:
     Class keywords: ``type`` (stable name, default derived from the class name:
     ``UserLoggedIn`` -> ``user.logged_in``), ``version`` (the current ``schema_version``,
     default 1), ``routing_key`` (default: the type name), ``abstract`` (a base for other event
-    classes, not registered and not constructible).
+    classes, not registered and not constructible); delivery: ``expires_after`` (a timedelta or
+    seconds: how long its messages stay useful) and ``priority`` (0 to 255); docs/delivery.md.
     """
 
     type: ClassVar[str] = ""
     schema_version: ClassVar[int] = 0
     routing_key: ClassVar[str] = ""
+    expires_after: ClassVar[dt.timedelta | None] = None
+    priority: ClassVar[int | None] = None
+    # (expires_after, priority) as declared: what the store reads (a field may take either name)
+    _delivery: ClassVar[tuple[dt.timedelta | None, int | None]] = (None, None)
     _fields: ClassVar[dict[str, fields.Field[Any]]] = {}
     _schema: ClassVar[marshmallow.Schema]
     _fast_load: ClassVar[Loader | None] = None
@@ -174,6 +179,8 @@ class Event:
         version: int = 1,
         routing_key: str | None = None,
         abstract: bool = False,
+        expires_after: dt.timedelta | float | None = None,
+        priority: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init_subclass__(**kwargs)
@@ -186,6 +193,7 @@ class Event:
         )
         cls._upcasters = {}
         cls._abstract = abstract
+        _delivery_options(cls, expires_after, priority)
         if abstract:
             return
         name = type if type is not None else _default_type_name(cls.__name__)
@@ -311,6 +319,48 @@ class Event:
     @classmethod
     def _label(cls) -> str:
         return f"{cls.__name__} ({cls.type})" if cls.type else cls.__name__
+
+
+def _delivery_options(
+    cls: type[Event], expires_after: dt.timedelta | float | None, priority: int | None
+) -> None:
+    """Check and set the class's ``expires_after`` and ``priority`` (inherited unless given).
+
+    A field of either name keeps it on instances; the class's setting is then in ``_delivery``.
+    """
+    inherited_expiry, inherited_priority = cls._delivery
+    if expires_after is not None:
+        if isinstance(expires_after, int | float) and not isinstance(expires_after, bool):
+            expires_after = dt.timedelta(seconds=expires_after)
+        if not isinstance(expires_after, dt.timedelta) or not (
+            dt.timedelta(milliseconds=1) <= expires_after <= MAX_EXPIRES_AFTER
+        ):
+            raise EventDefinitionError(
+                f"{cls.__name__}: expires_after must be a timedelta or seconds from 1 ms to "
+                f"{MAX_EXPIRES_AFTER.days} days, not {expires_after!r}"
+            )
+    if priority is not None:
+        check_priority(priority, f"{cls.__name__}: priority")
+    expiry = inherited_expiry if expires_after is None else expires_after
+    chosen = inherited_priority if priority is None else priority
+    cls._delivery = (expiry, chosen)
+    if "expires_after" not in cls._fields:
+        cls.expires_after = expiry
+    if "priority" not in cls._fields:
+        cls.priority = chosen
+
+
+MAX_EXPIRES_AFTER = dt.timedelta(days=365)
+MAX_PRIORITY = 255  # AMQP's priority is an octet; RabbitMQ queues take x-max-priority 1 to 255
+
+
+def check_priority(priority: object, what: str) -> int:
+    """``priority`` if it is an int from 0 to 255; ``EventDefinitionError`` naming ``what``."""
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise EventDefinitionError(f"{what} must be an integer from 0 to 255, not {priority!r}")
+    if not 0 <= priority <= MAX_PRIORITY:
+        raise EventDefinitionError(f"{what} must be an integer from 0 to 255, not {priority!r}")
+    return priority
 
 
 def _same_definition(a: type[Event], b: type[Event]) -> bool:

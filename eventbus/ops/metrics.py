@@ -40,8 +40,13 @@ RETRIED = Counter(
 )
 DEAD_LETTERED = Counter(
     "eventbus_events_dead_lettered",
-    "Messages sent to <queue>.dead; reason: attempts_exhausted or malformed.",
+    "Messages sent to <queue>.dead; reason: attempts_exhausted, malformed or expired.",
     (*_HANDLER, "reason"),
+)
+EXPIRED = Counter(
+    "eventbus_events_expired",
+    "Messages received after their event's expires_at: not handled (dropped or dead-lettered).",
+    ("queue", "type"),
 )
 DUPLICATES = Counter(
     "eventbus_duplicates_skipped",
@@ -94,6 +99,11 @@ RELAY_PARKED = Counter(
     "Events the broker refused for good, which the relay parked and passed over.",
     ("relay",),
 )
+RELAY_EXPIRED = Counter(
+    "eventbus_relay_expired",
+    "Events already expired when the relay read them: not published (the store keeps them).",
+    ("relay", "type"),
+)
 RELAY_ACTIVE = Gauge(
     "eventbus_relay_active",
     "1 while this process's relay holds the lock and publishes, 0 while it stands by.",
@@ -130,7 +140,7 @@ class HandlerMetrics:
         self._paused = PAUSED.labels(**labels)
         self._dead = {
             reason: DEAD_LETTERED.labels(**labels, reason=reason)
-            for reason in ("attempts_exhausted", "malformed")
+            for reason in ("attempts_exhausted", "malformed", "expired")
         }
 
     def processed(self, count: int = 1) -> None:
@@ -145,8 +155,12 @@ class HandlerMetrics:
         self._retried.inc()
 
     def dead_lettered(self, reason: str) -> None:
-        """``reason``: ``attempts_exhausted`` or ``malformed``."""
+        """``reason``: ``attempts_exhausted``, ``malformed`` or ``expired``."""
         self._dead[reason].inc()
+
+    def expired(self, event_type: str) -> None:
+        """A message received after its deadline (not handled)."""
+        EXPIRED.labels(queue=self._labels["queue"], type=event_type).inc()
 
     def duplicate(self) -> None:
         self._duplicates.inc()
@@ -170,6 +184,7 @@ class RelayMetrics:
         "_confirm_seconds",
         "_confirmed",
         "_lag",
+        "_name",
         "_parked",
         "_published",
         "_unroutable",
@@ -183,6 +198,7 @@ class RelayMetrics:
         self._unroutable = RELAY_UNROUTABLE.labels(relay=name)
         self._active = RELAY_ACTIVE.labels(relay=name)
         self._parked = RELAY_PARKED.labels(relay=name)
+        self._name = name
 
     def published(self, count: int) -> None:
         self._published.inc(count)
@@ -203,6 +219,10 @@ class RelayMetrics:
     def parked(self) -> None:
         """An event the broker refused for good was parked."""
         self._parked.inc()
+
+    def expired(self, event_type: str) -> None:
+        """An event already expired when read: passed over, not published."""
+        RELAY_EXPIRED.labels(relay=self._name, type=event_type).inc()
 
 
 class _InFlight(Protocol):

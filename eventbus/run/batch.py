@@ -17,6 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from eventbus.bus.delivery import expired
 from eventbus.bus.wire import decode
 from eventbus.errors import MalformedMessage
 from eventbus.events.model import Event
@@ -69,6 +70,10 @@ class Batches(WorkerBase):
                 job.outcome = Outcome.DEAD
                 names = ", ".join(c.__name__ for c in job.handler.event_classes)
                 job.reason = f"handler {job.handler.queue} takes {names}, not {job.event.type}"
+                finish(job)
+                continue
+            if not job.handler.ordered and expired(message.headers):
+                job.outcome = Outcome.EXPIRED  # settled by the handler's on_expired
                 finish(job)
                 continue
             if job.handler.ordered and job.event.position is None:

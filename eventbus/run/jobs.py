@@ -39,6 +39,7 @@ class Outcome(enum.Enum):
     HELD = "held"  # partitions: behind a failure of its partition
     EXHAUSTED = "exhausted"  # partitions: dead-letter after the retries in place
     DROP = "drop"  # partitions: neither ack nor reject, its channel's closing gives it back
+    EXPIRED = "expired"  # received after its event's expires_at: acked or dead-lettered, not run
 
 
 @dataclasses.dataclass(eq=False)
@@ -124,7 +125,7 @@ class WorkerBase(Runtime):
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
-            self.counts[name] += n
+            self.counts[name] = self.counts.get(name, 0) + n  # "expired": from the first one
 
 
 def log_fields(job: Job, attempt: int | None) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from eventbus.bus.delivery import add_delivery_properties
 from eventbus.bus.runtime import connect
 from eventbus.bus.wire import Message, Publisher, encode_record, refusal
 from eventbus.store import parked as parking
@@ -43,7 +44,9 @@ def one_by_one(
 def message(row: Any) -> tuple[str, Message]:
     """A stored row (``Outbox``) as ``(routing_key, message)``, published as stored."""
     body = row.body if isinstance(row.body, bytes) else str(row.body).encode()
-    return row.routing_key or row.type, encode_record(body, row)
+    body, properties, headers = encode_record(body, row)
+    add_delivery_properties(row.headers, properties, headers)  # priority, expiry
+    return row.routing_key or row.type, (body, properties, headers)
 
 
 @dataclass

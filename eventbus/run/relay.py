@@ -21,6 +21,7 @@ import kombu
 import sqlalchemy as sa
 import structlog
 
+from eventbus.bus.delivery import passed_expired
 from eventbus.bus.runtime import Backoff, connect
 from eventbus.bus.wire import Message, Publisher, is_amqp, refusal
 from eventbus.errors import LeadershipLost, RelayBusy
@@ -145,7 +146,7 @@ class Relay:
         lock is confirmed to be still held (``LeadershipLost`` otherwise).
         """
         rows = self._pending(after)
-        messages = _messages(rows)
+        live, messages = self._outgoing(rows)
         while rows:
             self._lock.confirm()
             sent_at = time.perf_counter()
@@ -153,29 +154,47 @@ class Relay:
             following: Sequence[Any] | None = None
             try:
                 publisher.send(messages)
-                self._metrics.published(len(rows))
+                self._metrics.published(len(live))
                 following = self._pending(last)  # overlaps the broker's confirms
-                following_messages = _messages(following)
+                following_live, following_messages = self._outgoing(following)
                 unroutable = set(publisher.wait())
             except Exception as exc:
                 if refusal(exc) is None:
                     raise
                 # The broker refuses an event of this window for good: find it, park it, go on.
                 publisher.reopen()
-                unroutable = one_by_one(publisher, rows, messages, self._park)
+                unroutable = one_by_one(publisher, live, messages, self._park)
                 if following is None:
                     following = self._pending(last)
-                    following_messages = _messages(following)
-            self._metrics.confirmed(len(rows), time.perf_counter() - sent_at, len(unroutable))
+                    following_live, following_messages = self._outgoing(following)
+            self._metrics.confirmed(len(live), time.perf_counter() - sent_at, len(unroutable))
             self._save_checkpoint(last)
-            self.published += len(rows)
+            self.published += len(live)
             self._log_unroutable(rows, unroutable)
             self._log.debug("relay.confirmed", count=len(rows), checkpoint=last)
-            after, rows, messages = last, following, following_messages
+            after, rows = last, following
+            live, messages = following_live, following_messages
             publisher.connection.heartbeat_check()
             if not keep_going():
                 break
         return after
+
+    def _outgoing(self, rows: Sequence[Any]) -> tuple[list[Any], list[tuple[str, Message]]]:
+        """The rows to publish and their messages: an event already expired is not published
+        (logged, counted; the checkpoint passes it, the store keeps it for replay)."""
+        live, gone = passed_expired(rows)
+        for row in gone:
+            self._metrics.expired(row.type)
+            self._log.info(
+                "event.expired",
+                event_id=str(row.event_id),
+                event_type=row.type,
+                position=row.position,
+                correlation_id=row.correlation_id,
+                expires_at=row.headers.get("expires_at"),
+                hint="expired before the relay published it; not published, the store keeps it",
+            )
+        return live, _messages(live)
 
     def _park(self, row: Any, reason: str) -> None:
         """Record an event the broker refused for good; the relay goes on after it."""

@@ -14,6 +14,7 @@ import queue as queues
 import threading
 from typing import Any
 
+from eventbus.bus.delivery import EXPIRES_AT
 from eventbus.bus.runtime import Acks, Delivery, connect, text, truncate
 from eventbus.bus.wire import PROPERTIES, Message, Publisher, is_amqp
 from eventbus.errors import PublishError
@@ -55,6 +56,8 @@ class Settling(WorkerBase):
                     job.message.reject(True)
                 elif job.outcome is Outcome.RETRY:
                     self._retry(publisher, job)
+                elif job.outcome is Outcome.EXPIRED:
+                    self._expired(publisher, job, settle)
                 elif job.outcome is Outcome.EXHAUSTED:
                     headers = self._failure_headers(job, job.failures, job.first_failure or "")
                     self._give_up(publisher, job, headers, job.failures)
@@ -136,8 +139,31 @@ class Settling(WorkerBase):
         timer.daemon = True
         timer.start()
 
+    def _expired(self, publisher: Publisher, job: Job, acks: Acks) -> None:
+        """A message received after its event's deadline: counted, logged, then dropped (acked)
+        or dead-lettered with the reason "expired", as its handler chose (``on_expired``)."""
+        handler, message = job.handler, job.message
+        event_type = job.event.type if job.event is not None else ""
+        self._metrics[handler.queue].expired(event_type)
+        self._count("expired")
+        self._log.bind(**log_fields(job, None)).info(
+            "event.expired",
+            expires_at=text((message.headers or {}).get(EXPIRES_AT)),
+            on_expired=handler.on_expired,
+        )
+        if handler.on_expired == "dead_letter":
+            self._dead_letter(publisher, job, "expired", metric="expired")
+        else:
+            acks.ack(message)
+
     def _dead_letter(
-        self, publisher: Publisher, job: Job, reason: str, *, keep_headers: bool = True
+        self,
+        publisher: Publisher,
+        job: Job,
+        reason: str,
+        *,
+        keep_headers: bool = True,
+        metric: str = "malformed",
     ) -> None:
         handler, message = job.handler, job.message
         headers = dict(message.headers or {}) if keep_headers else {}
@@ -148,7 +174,7 @@ class Settling(WorkerBase):
         publish_to(publisher, handler.dead_letter_queue, republished(message, headers))
         message.ack()
         self._count("dead")
-        self._metrics[handler.queue].dead_lettered("malformed")
+        self._metrics[handler.queue].dead_lettered(metric)
         self._log.error(
             "message.dead_lettered",
             queue=handler.queue,

@@ -34,6 +34,7 @@ from eventbus.events.model import Event
 from eventbus.events.topics import topic_matches_any
 from eventbus.events.values import text_problem
 from eventbus.store import sequencer
+from eventbus.store.delivery import delivery_headers
 from eventbus.store.engine import create_engine
 from eventbus.store.limits import encoded_payload, max_event_bytes_setting
 from eventbus.store.tables import events as T
@@ -104,12 +105,14 @@ class EventStore:
         *,
         expected_version: int | None = None,
         connection: Connection | Session | None = None,
+        priority: int | None = None,
     ) -> list[Event]:
         """Append ``events`` to ``stream_id`` atomically and return them as stored.
 
         ``expected_version``: the stream's current version (0 = the stream must not exist yet);
         None appends whatever the version is. Pass ``connection`` (a Connection or Session in a
         transaction) to commit the events with your own rows; otherwise the store commits.
+        ``priority`` (0-255) overrides the event classes' delivery priority for this batch.
         """
         if not isinstance(stream_id, str) or not 0 < len(stream_id) <= 255:
             raise StoreError(
@@ -127,13 +130,14 @@ class EventStore:
         if len(set(ids)) != len(ids):
             raise StoreError(f"append to {stream_id!r}: the batch repeats an event id")
         payloads = [encoded_payload(event, self.max_event_bytes) for event in batch]
+        headers = [delivery_headers(event, priority) for event in batch]
         if connection is not None:
             conn = connection.connection() if isinstance(connection, Session) else connection
             for attempt in range(_RETRIES):
                 try:
                     with conn.begin_nested():
                         return self._append(
-                            conn, stream_id, batch, payloads, expected_version, attempt > 0
+                            conn, stream_id, batch, payloads, headers, expected_version, attempt > 0
                         )
                 except sa.exc.IntegrityError:
                     if attempt == _RETRIES - 1:
@@ -143,7 +147,7 @@ class EventStore:
             try:
                 with self.engine.begin() as conn:
                     return self._append(
-                        conn, stream_id, batch, payloads, expected_version, attempt > 0
+                        conn, stream_id, batch, payloads, headers, expected_version, attempt > 0
                     )
             except sa.exc.IntegrityError:
                 # A concurrent writer took the same version or event id: look again.
@@ -158,6 +162,7 @@ class EventStore:
         stream_id: str,
         batch: list[Event],
         payloads: list[dict[str, Any]],
+        headers: list[dict[str, Any] | None],
         expected_version: int | None,
         check_stored: bool,
     ) -> list[Event]:
@@ -165,7 +170,7 @@ class EventStore:
         # mismatch, the two ways a repeat shows.
         if self._sequenced and not check_stored and len(batch) == 1:
             inserted = self._insert_at_current_version(
-                conn, stream_id, batch[0], payloads[0], expected_version
+                conn, stream_id, batch[0], (payloads[0], headers[0]), expected_version
             )
             if inserted is not None:
                 return inserted
@@ -191,6 +196,7 @@ class EventStore:
         for offset, (event, position) in enumerate(zip(batch, positions, strict=True)):
             version = current + offset + 1
             rows.append(_row(event, payloads[offset], stream_id, version, position))
+            rows[-1]["headers"] = headers[offset]
             result.append(event.stored(stream_id, version, position))
         conn.execute(sa.insert(T), rows)
         return result
@@ -200,16 +206,13 @@ class EventStore:
         conn: Connection,
         stream_id: str,
         event: Event,
-        payload: dict[str, Any],
+        payload: tuple[dict[str, Any], dict[str, Any] | None],
         expected_version: int | None,
     ) -> list[Event] | None:
-        """PostgreSQL's fast path for one event: read the version and insert in one statement.
-
-        None when no row went in (the stream is not at ``expected_version``), so the caller can
-        look again and say why. The statement is built once: building SQL per call cost more
-        CPU than the database did.
-        """
-        row = _row(event, payload, stream_id, 0, None)
+        """PostgreSQL's fast path for one event: read the version and insert in one statement
+        (built once: building SQL per call cost more CPU than the database did). None when no row
+        went in (the stream is not at ``expected_version``): the caller looks again, says why."""
+        row = _row(event, payload[0], stream_id, 0, None) | {"headers": payload[1]}
         del row["position"], row["stream_version"]
         row["expected"] = expected_version
         version = conn.execute(_INSERT_ONE, row).scalar_one_or_none()
@@ -440,7 +443,6 @@ def _row(
         "causation_id": event.causation_id,
         "payload": payload,
         "routing_key": None if event.routing_key == event.type else event.routing_key,
-        "headers": None,
     }
 
 

@@ -77,7 +77,7 @@ events = sa.Table(
     # relay publishes without importing the application's event classes.
     sa.Column("routing_key", sa.String(255), nullable=True),
     # Delivery properties decided at append, for the relay to publish with (NULL: none):
-    # {"priority": int, "expiration_ms": int, "traceparent": str, "tracestate": str}.
+    # {"priority": int, "expires_at": ISO 8601 str, "traceparent": str, "tracestate": str}.
     sa.Column("headers", Payload, nullable=True),
     sa.UniqueConstraint("event_id"),
     sa.UniqueConstraint("stream_id", "stream_version"),

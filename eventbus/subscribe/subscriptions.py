@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from eventbus.errors import HandlerDefinitionError
 from eventbus.events.model import Event
 from eventbus.events.topics import check_pattern, topic_matches
+from eventbus.subscribe.delivery import check_delivery
 
 if TYPE_CHECKING:
     import sqlalchemy as sa
@@ -75,7 +76,12 @@ class Context:
         return self._connection
 
     def append(
-        self, stream_id: str, events: Sequence[Event], *, expected_version: int | None = None
+        self,
+        stream_id: str,
+        events: Sequence[Event],
+        *,
+        expected_version: int | None = None,
+        priority: int | None = None,
     ) -> list[Event]:
         """Append events in the handler's transaction (they commit with its other effects).
 
@@ -86,7 +92,11 @@ class Context:
         if cause is not None:
             events = [e.caused_by(cause) if e.causation_id is None else e for e in events]
         return self.store.append(
-            stream_id, events, expected_version=expected_version, connection=self.connection
+            stream_id,
+            events,
+            expected_version=expected_version,
+            connection=self.connection,
+            priority=priority,
         )
 
 
@@ -110,6 +120,10 @@ class Handler:
     # Per-stream order: the number of partition queues its work is split into by stream id
     # (None: one queue, competing workers). A failing event is retried in place.
     partitions: int | None = None
+    # Delivery (docs/delivery.md): the queue's x-max-priority, and what becomes of a message
+    # received after its event's expires_at ("drop" or "dead_letter", counted either way).
+    max_priority: int | None = None
+    on_expired: str = "drop"
     owner: Service | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -189,7 +203,9 @@ class Service:
     after each) are defaults that ``handles`` can override per handler. ``catch_up=True``: the
     first time a handler starts (no checkpoint yet), it is fed every stored event it subscribes
     to before it takes live messages; otherwise it starts with the events published after its
-    queue first exists (``eventbus replay`` brings it the past on demand).
+    queue first exists (``eventbus replay`` brings it the past on demand). ``on_expired``:
+    ``"drop"`` (default) or ``"dead_letter"`` a message received after its event expired; a
+    handler may override it (docs/delivery.md).
     """
 
     def __init__(
@@ -199,12 +215,15 @@ class Service:
         max_attempts: int = 5,
         retry_delay: float = 1.0,
         catch_up: bool = False,
+        on_expired: str = "drop",
     ) -> None:
         if not isinstance(name, str) or not _NAME.match(name):
             raise HandlerDefinitionError(
                 f"service name {name!r} must be letters, digits, '_' or '-' (it names queues)"
             )
         _check_retry(name, max_attempts, retry_delay)
+        check_delivery(name, None, on_expired)
+        self.on_expired = on_expired
         self.name = name
         self.max_attempts = max_attempts
         self.retry_delay = retry_delay
@@ -221,6 +240,8 @@ class Service:
         max_attempts: int | None = None,
         retry_delay: float | None = None,
         partitions: int | None = None,
+        max_priority: int | None = None,
+        on_expired: str | None = None,
     ) -> Callable[[HandlerFunction], HandlerFunction]:
         """Subscribe the decorated function to event classes and/or topic patterns.
 
@@ -228,6 +249,8 @@ class Service:
         ``partitions=N`` (1 to 100): each stream's events are handled in position order, also
         by competing workers; its queue is split into N partitions by stream id, each consumed
         by one worker at a time, and a failing event is retried in place (docs/partitions.md).
+        ``max_priority=N`` (1 to 255) declares its queue with ``x-max-priority``: events of a
+        higher priority overtake a backlog. ``on_expired`` overrides the service's.
         """
         if partitions is not None and (
             not isinstance(partitions, int)
@@ -237,6 +260,12 @@ class Service:
             raise HandlerDefinitionError(
                 f"{self.name}: partitions must be an integer from 1 to {MAX_PARTITIONS}, "
                 f"not {partitions!r}"
+            )
+        check_delivery(self.name, max_priority, on_expired)
+        if max_priority is not None and partitions is not None:
+            raise HandlerDefinitionError(
+                f"{self.name}: max_priority and partitions exclude each other (a priority "
+                "would let a stream's later events overtake its earlier ones)"
             )
         patterns, classes = _bindings(self.name, subscriptions)
         attempts = self.max_attempts if max_attempts is None else max_attempts
@@ -266,6 +295,8 @@ class Service:
                 wants_context=_wants_context(self.name, handler_name, function),
                 catch_up=self.catch_up,
                 partitions=partitions,
+                max_priority=max_priority,
+                on_expired=on_expired or self.on_expired,
                 owner=self,
             )
             return function
@@ -320,6 +351,8 @@ class Projection(Service):
         max_attempts: int | None = None,
         retry_delay: float | None = None,
         partitions: int | None = None,
+        max_priority: int | None = None,
+        on_expired: str | None = None,
     ) -> Callable[[HandlerFunction], HandlerFunction]:
         """Apply the decorated function to these event classes and/or topic patterns.
 
@@ -331,6 +364,11 @@ class Projection(Service):
                 f"projection {self.name}: partitions= is for Service handlers; a projection "
                 "applies every event in the global order already (so each stream's in order), "
                 "from one checkpoint"
+            )
+        if max_priority is not None or on_expired is not None:
+            raise HandlerDefinitionError(
+                f"projection {self.name}: max_priority and on_expired are for Service handlers; "
+                "a projection applies every stored event in the global order"
             )
         if name is not None or max_attempts is not None or retry_delay is not None:
             raise HandlerDefinitionError(

@@ -154,9 +154,14 @@ class _RecordingStore(EventStore):
         *,
         expected_version: int | None = None,
         connection: Connection | Session | None = None,
+        priority: int | None = None,
     ) -> list[Event]:
         stored = super().append(
-            stream_id, events, expected_version=expected_version, connection=connection
+            stream_id,
+            events,
+            expected_version=expected_version,
+            connection=connection,
+            priority=priority,
         )
         if connection is self._db:
             self.appended.extend(stored)
