@@ -81,6 +81,8 @@ def field_schema(field: fields.Field[Any]) -> dict[str, Any]:
             schema["default"] = dumped
     if field.allow_none:
         _allow_null(schema)
+    elif "type" not in schema:
+        schema["not"] = {"type": "null"}  # any JSON value but null (as marshmallow)
     return schema
 
 

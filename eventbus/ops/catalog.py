@@ -166,11 +166,11 @@ def render_table(data: dict[str, Any]) -> str:
     for event in data["events"]:
         head = f"{event['type']}  v{event['version']}  ({event['class']})"
         lines = [head, f"  routing key: {event['routing_key']}"]
-        extras = [
-            f"{k.replace('_', ' ')}: {event[k]}"
-            for k in ("expires_after", "priority")
-            if event.get(k) is not None
-        ]
+        extras = []
+        if event.get("expires_after") is not None:
+            extras.append(f"expires after: {event['expires_after']}s")
+        if event.get("priority") is not None:
+            extras.append(f"priority: {event['priority']}")
         if extras:
             lines.append("  " + "; ".join(extras))
         rows = [("field", "type", "required", "default", "personal data")]
