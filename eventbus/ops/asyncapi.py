@@ -190,6 +190,8 @@ def _receive(handler: Handler, types: list[str]) -> dict[str, Any]:
 # -- YAML ------------------------------------------------------------------------------------
 
 _PLAIN = re.compile(r"[$A-Za-z][A-Za-z0-9_.$/()+-]*( [A-Za-z0-9_.$/()+-]+)*")
+# Characters YAML does not allow raw, or reads as line breaks, even in a quoted scalar.
+_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff\ufffe\uffff]")
 _SPECIAL = frozenset(["y", "n", "yes", "no", "on", "off", "true", "false", "null"])
 
 
@@ -202,7 +204,13 @@ def to_yaml(data: Any) -> str:
 def _scalar(value: Any) -> str:
     if isinstance(value, str):
         plain = _PLAIN.fullmatch(value) and value.lower() not in _SPECIAL
-        return value if plain and not _numeric(value) else json.dumps(value, ensure_ascii=False)
+        if plain and not _numeric(value):
+            return value
+        quoted = json.dumps(value, ensure_ascii=False)
+        return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", quoted)
+    if isinstance(value, float):
+        mantissa, e, exponent = repr(value).partition("e")  # YAML 1.1 wants a dot: 1.0e+16
+        return f"{mantissa}{'' if '.' in mantissa else '.0'}{e}{exponent}"
     return json.dumps(value)
 
 
