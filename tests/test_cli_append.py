@@ -176,3 +176,18 @@ def test_with_type_and_stream_a_line_may_be_the_bare_payload(
     assert str(placed.event_id) == "7a4a6c3e-2f4e-4a53-9d8e-0b1d2c3e4f50"
     assert placed.correlation_id == "import-1" and str(placed.total) == "12.50"
     assert [e.carrier for e in store.read_stream("elsewhere")] == ["courier"]
+
+
+def test_a_load_run_again_with_event_ids_stores_nothing_twice(
+    db_url: str, store: EventStore
+) -> None:
+    ids = [uuid.uuid4() for _ in range(3)]
+    text = "".join(
+        json.dumps({"event_id": str(i), "payload": shipped(uuid.uuid4())}) + "\n" for i in ids
+    )
+    args = ("catalog.order_shipped", "--stream", "o-1")
+    first = append(db_url, *args, stdin=text)
+    again = append(db_url, *args, stdin=text)
+    assert first.exit_code == 0 and again.exit_code == 0, again.output
+    assert again.stdout == first.stdout
+    assert [e.event_id for e in store.read_stream("o-1")] == ids
