@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import uuid
 from pathlib import Path
@@ -11,7 +12,7 @@ from click.testing import CliRunner, Result
 
 from eventbus.cli import main
 from eventbus.store.store import EventStore
-from tests.catalog_app import OrderPlaced, OrderShipped
+from tests.catalog_app import OrderShipped
 
 APP = ["--app", "tests.catalog_app"]
 
@@ -149,21 +150,19 @@ def test_a_stale_line_rolls_back_its_batch(db_url: str, store: EventStore) -> No
 def test_with_type_and_stream_a_line_may_be_the_bare_payload(
     db_url: str, store: EventStore
 ) -> None:
+    # (OrderPlaced, whose personal-data marker and expiry are set by hand, is not appended:
+    # what the store does with those belongs to the features that define them.)
     order = uuid.uuid4()
     lines = [
         json.dumps(shipped(order)),
         json.dumps({"payload": shipped(order, "courier"), "stream": "elsewhere"}),
         json.dumps(
             {
-                "type": "catalog.order_placed",
-                "payload": {
-                    "order_id": str(order),
-                    "customer_email": "a@example.org",
-                    "total": "12.50",
-                    "placed_at": "2026-01-02T03:04:05+00:00",
-                },
+                "payload": {**shipped(order), "parcels": 2},
                 "event_id": "7a4a6c3e-2f4e-4a53-9d8e-0b1d2c3e4f50",
+                "occurred_at": "2026-01-02T03:04:05+01:00",
                 "correlation_id": "import-1",
+                "causation_id": "fix-7",
             }
         ),
     ]
@@ -171,10 +170,12 @@ def test_with_type_and_stream_a_line_may_be_the_bare_payload(
         db_url, "catalog.order_shipped", "--stream", "o-1", stdin="\n".join(lines) + "\n"
     )
     assert result.exit_code == 0, result.output
-    first, placed = list(store.read_stream("o-1"))
-    assert isinstance(first, OrderShipped) and isinstance(placed, OrderPlaced)
-    assert str(placed.event_id) == "7a4a6c3e-2f4e-4a53-9d8e-0b1d2c3e4f50"
-    assert placed.correlation_id == "import-1" and str(placed.total) == "12.50"
+    first, second = list(store.read_stream("o-1"))
+    assert isinstance(first, OrderShipped) and first.parcels == 1
+    assert str(second.event_id) == "7a4a6c3e-2f4e-4a53-9d8e-0b1d2c3e4f50"
+    assert (second.correlation_id, second.causation_id) == ("import-1", "fix-7")
+    assert second.occurred_at == dt.datetime(2026, 1, 2, 2, 4, 5, tzinfo=dt.UTC)
+    assert second.parcels == 2
     assert [e.carrier for e in store.read_stream("elsewhere")] == ["courier"]
 
 
