@@ -22,6 +22,16 @@ if TYPE_CHECKING:
 # name -> (module, attribute, the first paragraph of its help: what ``eventbus --help`` lists
 # without importing the module; tests/test_cli_fast.py checks that it matches the command's).
 COMMANDS = {
+    "append": (
+        "eventbus.cli.append",
+        "append",
+        "Append events to the store: one from --json, or one JSON object a line from stdin.",
+    ),
+    "asyncapi": (
+        "eventbus.cli.asyncapi",
+        "asyncapi",
+        "Write the AsyncAPI 3.0 document of the application: channels, messages, operations.",
+    ),
     "dashboard": (
         "eventbus.cli.dashboard",
         "dashboard",
@@ -37,6 +47,11 @@ COMMANDS = {
         "eventbus.cli.demo",
         "demo",
         "Run the image-upload example end to end, embedded: no server needed.",
+    ),
+    "events": (
+        "eventbus.cli.events",
+        "events",
+        "List every event type the application defines: versions, fields, subscribers.",
     ),
     "parked": (
         "eventbus.cli.parked",
