@@ -23,6 +23,7 @@ import structlog
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from eventbus import tracing
 from eventbus.errors import (
     ConcurrencyError,
     DuplicateEventError,
@@ -97,6 +98,7 @@ class EventStore:
 
     # -- writing ---------------------------------------------------------------------------
 
+    @tracing.append_span
     def append(
         self,
         stream_id: str,
@@ -440,7 +442,7 @@ def _row(
         "causation_id": event.causation_id,
         "payload": payload,
         "routing_key": None if event.routing_key == event.type else event.routing_key,
-        "headers": None,
+        "headers": tracing.inject_headers(),
     }
 
 
