@@ -17,7 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from eventbus import tracing
+import eventbus.tracing as tracing
 from eventbus.bus.wire import decode
 from eventbus.errors import MalformedMessage
 from eventbus.events.model import Event

@@ -21,7 +21,7 @@ import kombu
 import sqlalchemy as sa
 import structlog
 
-from eventbus import tracing
+import eventbus.tracing as tracing
 from eventbus.bus.runtime import Backoff, connect
 from eventbus.bus.wire import Message, Publisher, is_amqp, refusal
 from eventbus.errors import LeadershipLost, RelayBusy

@@ -23,7 +23,7 @@ import structlog
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from eventbus import tracing
+import eventbus.tracing as tracing
 from eventbus.errors import (
     ConcurrencyError,
     DuplicateEventError,

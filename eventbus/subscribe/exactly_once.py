@@ -20,7 +20,7 @@ import structlog
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 
-from eventbus import tracing
+import eventbus.tracing as tracing
 from eventbus.events.model import Event
 from eventbus.logging import redact
 from eventbus.store.store import EventStore, Undecodable
