@@ -41,6 +41,14 @@ class _Api:
         self.propagator = TraceContextTextMapPropagator()
         version = getattr(sys.modules.get("eventbus"), "__version__", None)
         self.tracer = trace.get_tracer("eventbus", version)
+        self.configured = False
+
+    def recording(self) -> bool:
+        """True once a tracer provider (an SDK) is set; before, the hooks only carry context."""
+        if not self.configured:
+            provider = self.trace.get_tracer_provider()
+            self.configured = not isinstance(provider, self.trace.ProxyTracerProvider)
+        return self.configured
 
 
 def _otel() -> _Api | None:
@@ -106,6 +114,12 @@ def append_span(append: Callable[P, R]) -> Callable[P, R]:
         api = _otel()
         if api is None:
             return append(*args, **kwargs)
+        if not api.recording():  # no SDK: no span, the current context (if any) carried on
+            token = _append_headers.set(_inject(api))
+            try:
+                return append(*args, **kwargs)
+            finally:
+                _append_headers.reset(token)
         with api.tracer.start_as_current_span(
             "append", kind=api.kind.PRODUCER, attributes=_append_attributes(args, kwargs)
         ):
@@ -167,7 +181,10 @@ def publishing(
     headers. The spans end after the block; an exception marks them failed."""
     api = _otel()
     spans = []
-    if api is not None:
+    if api is not None and not api.recording():
+        for row, (_key, (_body, _properties, headers)) in zip(rows, messages, strict=True):
+            headers.update(publish_headers(getattr(row, "headers", None)))
+    elif api is not None:
         system = messaging_system(broker_url)
         for row, (routing_key, (_body, _properties, headers)) in zip(rows, messages, strict=True):
             parent = _context(getattr(row, "headers", None), api)
@@ -215,7 +232,19 @@ def processing(broker_url: str, exchange: str, jobs: list[Any]) -> Any:
     api = _otel()
     if api is None:
         return contextlib.nullcontext()
+    if not api.recording():  # no SDK: the message's context current, for what it appends
+        parent = _context(jobs[0].message.headers, api) if len(jobs) == 1 else None
+        return contextlib.nullcontext() if parent is None else _attached(api, parent)
     return _process(api, broker_url, exchange, jobs)
+
+
+@contextlib.contextmanager
+def _attached(api: _Api, context: Any) -> Iterator[None]:
+    token = api.context.attach(context)
+    try:
+        yield
+    finally:
+        api.context.detach(token)
 
 
 @contextlib.contextmanager
@@ -333,7 +362,7 @@ def handling(handler: Any, event: Any, attempt: int, *, replaying: bool = False)
     span (``processing``) or of the current span; ``failed(error)`` on what it yields. Events
     fed from the store (``replaying``) get one only inside a recording span."""
     api = _otel()
-    if api is None:
+    if api is None or not api.recording():
         return _NO_SPAN
     if replaying and not _processing.get() and not api.trace.get_current_span().is_recording():
         return _NO_SPAN  # replay and catch-up: spans only inside one of yours, no trace each
