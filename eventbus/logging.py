@@ -11,6 +11,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from eventbus.tracing import add_trace_ids
+
 _SCHEME = r"[A-Za-z][A-Za-z0-9+.-]*://"
 # A URL in a text ends at whitespace. Right after a quote (a repr) it ends at the last such quote
 # before that (a password may hold the quote); otherwise at a character no URL holds, and
@@ -74,6 +76,7 @@ def _steps(*, timestamps: bool) -> list[Any]:
         structlog.stdlib.PositionalArgumentsFormatter(),
         *([structlog.processors.TimeStamper(fmt="iso", utc=True)] if timestamps else []),
         structlog.processors.format_exc_info,
+        add_trace_ids,
         redact_secrets,
     ]
 

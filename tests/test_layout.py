@@ -19,7 +19,7 @@ LAYERS = ["base", "events", "store", "subscribe", "bus", "ops", "run", "rpc", "c
 LAYERS += ["testing"]  # tools for the users' tests and the pytest plugin: the top layer too
 RANK = {name: LAYERS.index(name) for name in LAYERS}
 RANK |= dict.fromkeys(["top", "testing"], LAYERS.index("cli"))
-BASE = {"errors", "logging", "settings"}  # imported by every layer, import none of them
+BASE = {"errors", "logging", "settings", "tracing"}  # imported by every layer, import none of them
 TOP = {"__init__", "__main__", "_deprecated", "control", "metrics"}  # the API and 0.1's paths
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+import eventbus.tracing as tracing
 from eventbus.bus.delivery import expired
 from eventbus.bus.wire import decode
 from eventbus.errors import MalformedMessage
@@ -111,7 +112,8 @@ class Batches(WorkerBase):
         reached = 0
         for attempt in range(1, 4):
             try:
-                report = apply_through(self.store, handler, target, stop=self._stop)
+                with tracing.processing(self.broker_url, self.exchange, jobs):
+                    report = apply_through(self.store, handler, target, stop=self._stop)
             except Interrupted:
                 break
             except sa.exc.DBAPIError as exc:
@@ -263,7 +265,8 @@ class Batches(WorkerBase):
         else:  # retried in place: the worker counts
             attempt = job.failures + 1
         started = time.perf_counter()
-        error = invoke(handler, job.event, db, store=self.store, attempt=attempt, log=self._log)
+        with tracing.processing(self.broker_url, self.exchange, [job]):
+            error = invoke(handler, job.event, db, store=self.store, attempt=attempt, log=self._log)
         seconds = time.perf_counter() - started
         self._metrics[handler.queue].handled(seconds)
         if error is not None:

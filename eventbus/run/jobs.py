@@ -78,6 +78,7 @@ class WorkerBase(Runtime):
     kind = "worker"
     service: Service
     store: EventStore
+    exchange: str
     batch_size: int
     counts: dict[str, int]
     _jobs: queues.Queue[Job | None]

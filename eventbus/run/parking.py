@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import eventbus.tracing as tracing
 from eventbus.bus.delivery import add_delivery_properties
 from eventbus.bus.runtime import connect
 from eventbus.bus.wire import Message, Publisher, encode_record, refusal
@@ -46,6 +47,7 @@ def message(row: Any) -> tuple[str, Message]:
     body = row.body if isinstance(row.body, bytes) else str(row.body).encode()
     body, properties, headers = encode_record(body, row)
     add_delivery_properties(row.headers, properties, headers)  # priority, expiry
+    headers.update(tracing.publish_headers(row.headers))  # the trace goes on (parked retry too)
     return row.routing_key or row.type, (body, properties, headers)
 
 

@@ -21,6 +21,7 @@ import kombu
 import sqlalchemy as sa
 import structlog
 
+import eventbus.tracing as tracing
 from eventbus.bus.delivery import passed_expired
 from eventbus.bus.runtime import Backoff, connect
 from eventbus.bus.wire import Message, Publisher, is_amqp, refusal
@@ -153,11 +154,12 @@ class Relay:
             last = int(rows[-1].position)
             following: Sequence[Any] | None = None
             try:
-                publisher.send(messages)
-                self._metrics.published(len(live))
-                following = self._pending(last)  # overlaps the broker's confirms
-                following_live, following_messages = self._outgoing(following)
-                unroutable = set(publisher.wait())
+                with tracing.publishing(self.broker_url, self.exchange, live, messages):
+                    publisher.send(messages)
+                    self._metrics.published(len(live))
+                    following = self._pending(last)  # overlaps the broker's confirms
+                    following_live, following_messages = self._outgoing(following)
+                    unroutable = set(publisher.wait())
             except Exception as exc:
                 if refusal(exc) is None:
                     raise
@@ -214,6 +216,7 @@ class Relay:
             event_type=row.type,
             position=row.position,
             correlation_id=row.correlation_id,
+            causation_id=row.causation_id,
             reason=reason,
             hint="the broker refuses it for good; fix the cause, then 'eventbus parked retry'",
         )
@@ -230,6 +233,7 @@ class Relay:
                     routing_key=row.routing_key or row.type,
                     position=row.position,
                     correlation_id=row.correlation_id,
+                    causation_id=row.causation_id,
                     hint="no queue is bound for this routing key; the store keeps the event",
                 )
 

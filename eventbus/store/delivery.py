@@ -6,14 +6,18 @@ publishes with them without the application's event classes. Details: docs/deliv
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from eventbus.errors import EventDefinitionError, StoreError
 from eventbus.events.model import Event, check_priority
 
 
-def delivery_headers(event: Event, priority: int | None = None) -> dict[str, Any] | None:
-    """``{"priority": int, "expires_at": ISO 8601}`` for ``event`` (None when it has neither).
+def delivery_headers(
+    event: Event, priority: int | None = None, trace: Mapping[str, str] | None = None
+) -> dict[str, Any] | None:
+    """``{"priority": int, "expires_at": ISO 8601}`` for ``event``, beside the ``trace`` context
+    (``traceparent``, ``tracestate``) when given; None when it has none of them.
 
     ``priority`` overrides the class's; expiry counts from the event's ``occurred_at``.
     """
@@ -24,7 +28,7 @@ def delivery_headers(event: Event, priority: int | None = None) -> dict[str, Any
             chosen = check_priority(priority, f"append {event.type}: priority")
         except EventDefinitionError as exc:
             raise StoreError(str(exc)) from None
-    headers: dict[str, Any] = {}
+    headers: dict[str, Any] = dict(trace) if trace else {}
     if chosen is not None:
         headers["priority"] = chosen
     if expires_after is not None:

@@ -23,6 +23,7 @@ import structlog
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+import eventbus.tracing as tracing
 from eventbus.errors import (
     ConcurrencyError,
     DuplicateEventError,
@@ -98,6 +99,7 @@ class EventStore:
 
     # -- writing ---------------------------------------------------------------------------
 
+    @tracing.append_span
     def append(
         self,
         stream_id: str,
@@ -130,7 +132,8 @@ class EventStore:
         if len(set(ids)) != len(ids):
             raise StoreError(f"append to {stream_id!r}: the batch repeats an event id")
         payloads = [encoded_payload(event, self.max_event_bytes) for event in batch]
-        headers = [delivery_headers(event, priority) for event in batch]
+        trace = tracing.inject_headers()
+        headers = [delivery_headers(event, priority, trace) for event in batch]
         if connection is not None:
             conn = connection.connection() if isinstance(connection, Session) else connection
             for attempt in range(_RETRIES):
@@ -467,8 +470,7 @@ def _uuid(value: Any) -> uuid.UUID:
 
 
 def _decode(row: Any) -> Event:
-    # A row of select(events) (or _PG_PAGE: the payload as JSON text), its columns by index:
-    # faster than by name, per row.
+    # A row of select(events) (or _PG_PAGE: payload as text), by index: faster than by name.
     (
         _,
         position,

@@ -58,6 +58,8 @@ def insert(dialect: str, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
 # SQLite only autoincrements an INTEGER PRIMARY KEY (the rowid), not a BIGINT one.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 Payload = sa.JSON().with_variant(JSONB(), "postgresql")
+# None is SQL NULL here (not the JSON null), so "no headers" reads as IS NULL.
+Headers = sa.JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
 
 events = sa.Table(
     "eventbus_events",
@@ -78,7 +80,7 @@ events = sa.Table(
     sa.Column("routing_key", sa.String(255), nullable=True),
     # Delivery properties decided at append, for the relay to publish with (NULL: none):
     # {"priority": int, "expires_at": ISO 8601 str, "traceparent": str, "tracestate": str}.
-    sa.Column("headers", Payload, nullable=True),
+    sa.Column("headers", Headers, nullable=True),
     sa.UniqueConstraint("event_id"),
     sa.UniqueConstraint("stream_id", "stream_version"),
     sa.UniqueConstraint("position"),

@@ -20,6 +20,7 @@ import structlog
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 
+import eventbus.tracing as tracing
 from eventbus.events.model import Event
 from eventbus.logging import redact
 from eventbus.store.store import EventStore, Undecodable
@@ -38,6 +39,7 @@ def log_context(handler: Handler, event: Event | None, attempt: int | None) -> d
             event_id=str(event.event_id),
             event_type=event.type,
             correlation_id=event.correlation_id,
+            causation_id=event.causation_id,
             position=event.position,
         )
     if attempt is not None:
@@ -59,14 +61,32 @@ def invoke(
     """Run ``handler`` on ``event`` in ``db``'s transaction; the exception it raised, or None.
 
     What the handler wrote through ``ctx.connection`` is rolled back if it raised. If ``db``'s
-    connection was lost meanwhile, that is raised instead (see ``connection_lost``).
+    connection was lost meanwhile, that is raised instead (see ``connection_lost``). With
+    OpenTelemetry, the run is a span (``eventbus.tracing.handling``).
     """
+    with tracing.handling(handler, event, attempt, replaying=replaying) as span:
+        error = _invoke(handler, event, db, store, attempt, log, replaying, dry_run)
+        span.failed(error)
+        return error
+
+
+def _invoke(
+    handler: Handler,
+    event: Event,
+    db: Connection,
+    store: EventStore,
+    attempt: int,
+    log: Any,
+    replaying: bool,
+    dry_run: bool,
+) -> BaseException | None:
     values = (
         handler.queue,
         handler.name,
         str(event.event_id),
         event.type,
         event.correlation_id,
+        event.causation_id,
         event.position,
         attempt,
     )
@@ -127,7 +147,16 @@ def connection_lost(db: Connection, exc: BaseException) -> sa.exc.DBAPIError | N
 
 
 # The fields invoke binds for the handler's run, in the order of its ``values``.
-_FIELDS = ("queue", "handler", "event_id", "event_type", "correlation_id", "position", "attempt")
+_FIELDS = (
+    "queue",
+    "handler",
+    "event_id",
+    "event_type",
+    "correlation_id",
+    "causation_id",
+    "position",
+    "attempt",
+)
 _variables: list[contextvars.ContextVar[Any]] = []
 _variables_lock = threading.Lock()
 

@@ -11,4 +11,9 @@ run by ``eventbus run examples.image_upload.<module>``:
     tweeter.py    a status on the status API
     tables.py, app.py   the plumbing they share (tables, settings, files, setup)
     microblog.py  a stand-in status API; demo.py: ``eventbus demo``
+    traces.py     EVENTBUS_EXAMPLE_TRACE=console: the trace of each upload (README.md)
 """
+
+from examples.image_upload.traces import setup_from_env
+
+setup_from_env()  # in every process of the example; nothing unless EVENTBUS_EXAMPLE_TRACE is set

@@ -36,6 +36,7 @@ import structlog
 
 from eventbus import EventStore, configure_logging
 from eventbus.errors import EventValidationError
+from examples.image_upload import traces
 from examples.image_upload.app import config, setup
 from examples.image_upload.upload import Rejected, log_in, upload_image, user_of
 
@@ -66,6 +67,7 @@ class RequestHandler(BaseHTTPRequestHandler):
     server_version = "image-upload/1"
     server: UploadServer
     _body_read = False
+    _span: Any = None  # the request's span (examples/image_upload/traces.py), if tracing
 
     # -- routes ----------------------------------------------------------------------------------
 
@@ -83,6 +85,10 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         path = urlsplit(self.path).path
+        with traces.server_span(method, path, self.headers) as self._span:
+            self._route(method, path)
+
+    def _route(self, method: str, path: str) -> None:
         allowed = ROUTES.get(path)
         if allowed is None:
             self._handle(lambda: _refuse(404, f"no such path: {path}"))
@@ -154,6 +160,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             status, answer = 500, {"error": "internal error; see the service's log", "status": 500}
         if not self._body_read:
             self._discard_body()
+        traces.answered(self._span, status or 200)
         if status:  # 0: already answered
             extra = {"Allow": allow} if allow else {}
             self._send(status, json.dumps(answer).encode() + b"\n", "application/json", extra)
