@@ -258,7 +258,9 @@ class Batches(WorkerBase):
         else:  # retried in place: the worker counts
             attempt = job.failures + 1
         started = time.perf_counter()
-        error = invoke(handler, job.event, db, store=self.store, attempt=attempt, log=self._log)
+        error = invoke(
+            self._detoured(handler), job.event, db, store=self.store, attempt=attempt, log=self._log
+        )
         seconds = time.perf_counter() - started
         self._metrics[handler.queue].handled(seconds)
         if error is not None:
