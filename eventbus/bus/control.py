@@ -36,7 +36,11 @@ def control_exchange(exchange: str) -> str:
 
 
 def _exchange(channel: Any, exchange: str) -> kombu.Exchange:
-    ex = kombu.Exchange(control_exchange(exchange), "topic", durable=True, channel=channel)
+    # Transient: it goes with the last listener's queue (nothing to clean up), and a command
+    # sent while no process listens has no one to reach anyway.
+    ex = kombu.Exchange(
+        control_exchange(exchange), "topic", durable=False, auto_delete=True, channel=channel
+    )
     ex.declare()
     return ex
 
