@@ -128,7 +128,9 @@ def test_a_command_takes_effect_at_once_and_the_database_row_stays_the_truth(
             assert paused(conn)[queue].reason == "maintenance"
 
         answers = send({"command": "resume", "queues": [queue]})  # no row deleted first
-        assert did(answers, "worker") == [[f"resumed {queue}"]]
+        # Resumed at once, unless a read of the row that started after it came first.
+        [[said]] = did(answers, "worker")
+        assert said in (f"resumed {queue}", f"{queue} not resumed: the database row says otherwise")
         wait_for(lambda: worker.paused == {queue}, 30, "the row to pause it again")
         other = send({"command": "pause", "queues": ["someone.else"]})
         assert did(other, "worker") == [["not mine"]]

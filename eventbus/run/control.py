@@ -116,12 +116,14 @@ class WorkerControl:
         was = queue in self._db_pauses
         self._live_pauses.override(queue, (str(reason) if reason else None) if pause else _GONE)
         deadline = time.monotonic() + _APPLY_WAIT
+        verb = "paused" if pause else "resumed"
         while (queue in self._paused) != pause and time.monotonic() < deadline:
             if not pause and self._signal_paused:
                 return f"{queue} stays paused (SIGUSR1)"
+            if (queue in self._db_pauses) != pause:  # a newer read of the row: it wins
+                return f"{queue} not {verb}: the database row says otherwise"
             time.sleep(0.01)
         applied = (queue in self._paused) == pause
-        verb = "paused" if pause else "resumed"
         if applied and was == pause:
             return f"{queue} was {verb} already"
         if applied:
