@@ -124,8 +124,8 @@ class WorkerControl:
                 return f"{queue} not {verb}: the database row says otherwise"
             time.sleep(0.01)
         applied = (queue in self._paused) == pause
-        if applied and was == pause:
-            return f"{queue} was {verb} already"
+        if applied and was == pause:  # by an earlier command, or a read of the row meanwhile
+            return f"{verb} {queue} (already)"
         if applied:
             return f"{verb} {queue}"
         return f"{verb} {queue} (takes effect once connected)"
@@ -137,13 +137,13 @@ class WorkerControl:
         before = self._detours.get(queue)
         if step is None:
             self._live_detours.override(queue, _GONE)
-            return f"detour of {queue} off" if before else f"{queue} had no detour"
+            return f"detour of {queue} off" + ("" if before else " (already)")
         known = detour_steps.steps()
         if step not in known:
             return f"unknown step {step!r} (known: {', '.join(sorted(known))}): not switched"
         self._live_detours.override(queue, str(step))
-        if before == step:
-            return f"{queue} goes through {step} already"
+        if before == step:  # by an earlier command, or a read of the row meanwhile
+            return f"detoured {queue} through {step} (already)"
         return f"detoured {queue} through {step}"
 
     def _read_detours(self, db: Any, read_at: float) -> None:
