@@ -162,16 +162,9 @@ def detour(
 
     def refused(engine: sa.Engine, answers: list[dict[str, Any]]) -> None:
         """Every worker of the queue answered that it does not know the step: undo, exit 2."""
-        unknown = [a for a in answers if any("unknown step" in str(d) for d in a.get("did") or [])]
-        if (
-            step is None
-            or not answers
-            or not unknown
-            or len(unknown)
-            != len(
-                [a for a in answers if a.get("role") == "worker" and a.get("did") != ["not mine"]]
-            )
-        ):
+        owners = [a for a in answers if a.get("role") == "worker" and a.get("did") != ["not mine"]]
+        unknown = [a for a in owners if any("unknown step" in str(d) for d in a.get("did") or [])]
+        if step is None or not owners or len(unknown) != len(owners):
             return
         for queue, before in previous.items():
             if before is None:
