@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from eventbus.errors import EventbusError
     from eventbus.events.model import Event
     from eventbus.logging import configure_logging
+    from eventbus.ops.detours import detour_step
     from eventbus.rpc.client import RequestClient
     from eventbus.rpc.responders import RequestContext, Responders
     from eventbus.run.relay import Relay
@@ -52,6 +53,7 @@ _PUBLIC = {
     "Tap": ("eventbus.bus.tap", "Tap"),
     "Worker": ("eventbus.run.worker", "Worker"),
     "configure_logging": ("eventbus.logging", "configure_logging"),
+    "detour_step": ("eventbus.ops.detours", "detour_step"),
     "fields": ("marshmallow", "fields"),
     "replay": ("eventbus.subscribe.replay", "replay"),
     "running": ("eventbus.run.worker", "running"),
@@ -76,6 +78,7 @@ __all__ = [
     "Tap",
     "Worker",
     "configure_logging",
+    "detour_step",
     "fields",
     "replay",
     "running",

@@ -242,3 +242,7 @@ class RemoteError(RequestError):
             request_type,
             f"{request_type!r} failed on responder {responder}: {error_type}: {error_message}",
         )
+
+
+class DetourError(BusError, ValueError):
+    """A detour step is registered wrongly, or a detour names a step no one registered."""

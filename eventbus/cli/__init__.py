@@ -43,6 +43,11 @@ COMMANDS = {
         "dead_letters",
         "Inspect, retry or purge the messages handlers gave up on (<queue>.dead).",
     ),
+    "detour": (
+        "eventbus.cli.control",
+        "detour",
+        "Route a handler's messages through a named step (audit, validation, log) and on to it.",
+    ),
     "demo": (
         "eventbus.cli.demo",
         "demo",

@@ -84,6 +84,15 @@ def target_queues(target: str | None) -> list[str] | None:
     help="Exit 1 if a queue has more than N messages ready.",
 )
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for the broker.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long the running workers and relays have to answer a ping over the control bus "
+    "(PROCESSES; 0: no ping).",
+)
 def status(
     target: str | None,
     broker_url: str | None,
@@ -95,6 +104,7 @@ def status(
     max_dead: int | None,
     max_depth: int | None,
     timeout: float,
+    wait: float,
 ) -> None:
     """Show every handler's queue depth, consumers, unacked, lag, dead letters and pause,
     and each relay's lag.
@@ -103,7 +113,8 @@ def status(
     the number of stored events after the last one it processed (a projection: its checkpoint)
     that its bindings bring it, so a caught-up handler shows 0 however busy the store is; a
     relay's, the events it has yet to publish. With --max-lag/--max-dead/--max-depth it exits 1
-    when one is exceeded (and says which), else 0: usable as a health check.
+    when one is exceeded (and says which), else 0: usable as a health check. PROCESSES lists
+    the workers and relays that answered a ping over the control bus (RabbitMQ).
     """
     from eventbus.ops.status import collect, exceeded, render, to_dict
 
@@ -132,10 +143,16 @@ def status(
     finally:
         store.close()
     problems = exceeded(state, max_lag=max_lag, max_dead=max_dead, max_depth=max_depth)
+    processes = ping(config.broker_url, exchange or config.exchange, wait, timeout)
     if as_json:
-        click.echo(json.dumps(to_dict(state, problems), indent=2))
+        found = to_dict(state, problems)
+        if processes is not None:
+            found["processes"] = processes
+        click.echo(json.dumps(found, indent=2))
     else:
         click.echo(render(state))
+        if processes is not None:
+            click.echo(render_processes(processes, wait))
         notes = [note for note in state.notes if note.startswith("unacked n/a")]
         if any("refused the login" in note for note in notes):
             click.echo(
@@ -153,3 +170,36 @@ def status(
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+def ping(
+    broker_url: str, exchange: str, wait: float, timeout: float
+) -> list[dict[str, Any]] | None:
+    """The processes that answer a ping within ``wait`` s; None when not asked (memory://,
+    --wait 0) or the broker cannot be reached."""
+    if wait <= 0 or broker_url.startswith("memory://"):
+        return None
+    from eventbus.ops.orders import send
+
+    sent = send(broker_url, exchange, {"command": "ping", "queues": []}, wait=wait, timeout=timeout)
+    return sent.answers if sent.sent else None
+
+
+def render_processes(processes: list[dict[str, Any]], wait: float) -> str:
+    """The PROCESSES section: one line per process that answered the ping."""
+    lines = ["", f"PROCESSES (answered a ping within {wait:g}s: {len(processes)})"]
+    for p in processes:
+        role, name = p.get("role", "?"), p.get("name", "?")
+        state = []
+        if role == "relay":
+            state.append("active" if p.get("active") else "standby")
+        if p.get("paused"):
+            state.append("paused " + ",".join(p["paused"]))
+        for queue, step in sorted((p.get("detours") or {}).items()):
+            state.append(f"detour {queue} through {step}")
+        queues = ",".join(p.get("queues") or []) or "-"
+        where = f"pid {p.get('pid')} on {p.get('host')}"
+        lines.append(
+            f"  {role:<7} {where:<24} {name}  queues {queues}  {'; '.join(state)}".rstrip()
+        )
+    return "\n".join(lines)

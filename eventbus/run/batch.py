@@ -266,7 +266,14 @@ class Batches(WorkerBase):
             attempt = job.failures + 1
         started = time.perf_counter()
         with tracing.processing(self.broker_url, self.exchange, [job]):
-            error = invoke(handler, job.event, db, store=self.store, attempt=attempt, log=self._log)
+            error = invoke(
+                self._detoured(handler),
+                job.event,
+                db,
+                store=self.store,
+                attempt=attempt,
+                log=self._log,
+            )
         seconds = time.perf_counter() - started
         self._metrics[handler.queue].handled(seconds)
         if error is not None:

@@ -95,6 +95,8 @@ class WorkerBase(Runtime):
 
         def _handle_batch_safely(self, batch: list[Job], finish: Any = None) -> bool: ...
 
+        def _detoured(self, handler: Handler) -> Any: ...
+
     def _collect(self, jobs: queues.Queue[Job | None], first: Job) -> list[Job]:
         """``first`` and the jobs right behind it, as one batch.
 

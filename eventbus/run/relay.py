@@ -28,6 +28,7 @@ from eventbus.bus.wire import Message, Publisher, is_amqp, refusal
 from eventbus.errors import LeadershipLost, RelayBusy
 from eventbus.logging import redact
 from eventbus.ops import metrics
+from eventbus.run.control import relay_listener
 from eventbus.run.leadership import leadership, lock_key
 from eventbus.run.parking import message, one_by_one
 from eventbus.store import parked as parking
@@ -278,6 +279,8 @@ class Relay:
         self._log.info("relay.started", broker=redact(self.broker_url), lock=self._lock.description)
         lag = threading.Thread(target=self._watch_lag, name="eventbus-relay-lag", daemon=True)
         lag.start()
+        control = relay_listener(self, self._stop)  # answers the control bus (eventbus.run.control)
+        control.start()
         try:
             while self._become_active():
                 self._publish_while_active()
@@ -289,6 +292,7 @@ class Relay:
             self._set_active(False)
             self._lock.release()
             lag.join(timeout=10)
+            control.join(timeout=10)
             self._log.info("relay.stopped", published=self.published)
 
     def _become_active(self) -> bool:

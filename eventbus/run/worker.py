@@ -28,6 +28,7 @@ from eventbus.bus.wire import Publisher, is_amqp
 from eventbus.logging import redact
 from eventbus.ops import control, metrics
 from eventbus.run.batch import Batches
+from eventbus.run.control import WorkerControl
 from eventbus.run.jobs import Job, Outcome
 from eventbus.run.partitions import Consumers, Lanes, Partitions
 from eventbus.run.settle import Settling
@@ -42,7 +43,7 @@ _PAUSE_POLL = 1.0  # seconds between reads of eventbus_paused
 _BALANCE_INTERVAL = 1.0  # seconds between a worker's checks of its share of partitions
 
 
-class Worker(Settling, Lanes, Batches):
+class Worker(Settling, Lanes, Batches, WorkerControl):
     """Runs one service's handlers against the broker and the database.
 
     ``Worker(service, broker_url=..., database_url=...).run()`` blocks until SIGTERM/SIGINT (or
@@ -112,6 +113,7 @@ class Worker(Settling, Lanes, Batches):
         self._holder = control.signal_holder()  # how this process's SIGUSR1 marks name it
         self._paused = frozenset()
         self._shared = 0  # handler threads of the unpartitioned handlers, while running
+        self._init_control()  # the control bus: live pauses and detours (eventbus.run.control)
 
     @property
     def paused(self) -> frozenset[str]:
@@ -139,6 +141,7 @@ class Worker(Settling, Lanes, Batches):
                 for i, lane in enumerate(self._lanes)
             ]
             + [threading.Thread(target=self._watch, name="eventbus-watch", daemon=True)]
+            + self._control_threads()
         )
 
     def _end_threads(self) -> None:
@@ -245,14 +248,15 @@ class Worker(Settling, Lanes, Batches):
             self._mark_signal_pause(found, False)
 
     def _read_pauses(self, db: sa.Connection) -> dict[str, control.Pause]:
+        read_at = time.monotonic()
+        self._read_detours(db, read_at)
         found = control.paused(db)
         mine = {
             q: p.reason
             for q, p in found.items()
             if q in self._metrics and not control.is_signal_mark(p.reason)
         }
-        if mine != self._db_pauses:
-            self._db_pauses = mine  # a new dict: the connection's thread sees it changed
+        self._read_live_pauses(mine, read_at)  # with the control bus's newer commands
         return found
 
     def _mark_signal_pause(self, found: dict[str, control.Pause], paused: bool) -> None:

@@ -186,3 +186,13 @@ parked = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("parked_at", UTCDateTime, nullable=False),
 )
+
+# Detours (``eventbus detour QUEUE STEP``): while a row names a queue, its workers pass each of
+# its messages through the named step (registered in code) before the handler, in-process.
+detours = sa.Table(
+    "eventbus_detours",
+    metadata,
+    sa.Column("queue", sa.String(255), primary_key=True),
+    sa.Column("step", sa.String(255), nullable=False),
+    sa.Column("since", UTCDateTime, nullable=False),
+)

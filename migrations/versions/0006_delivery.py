@@ -22,10 +22,19 @@ def upgrade() -> None:
     # -- subject keys (crypto-shredding) ------------------------------------------------------
 
     # -- detours ----------------------------------------------------------------------------------
+    from eventbus.store.tables import UTCDateTime
+
+    op.create_table(
+        "eventbus_detours",
+        sa.Column("queue", sa.String(255), primary_key=True),
+        sa.Column("step", sa.String(255), nullable=False),
+        sa.Column("since", UTCDateTime, nullable=False),
+    )
 
 
 def downgrade() -> None:
     # -- detours ----------------------------------------------------------------------------------
+    op.drop_table("eventbus_detours")
 
     # -- subject keys (crypto-shredding) ------------------------------------------------------
 
