@@ -28,6 +28,7 @@ from eventbus.errors import (
     EventValidationError,
     UnknownEventType,
 )
+from eventbus.events import personal
 from eventbus.events.fastload import Loader, compile_loader
 from eventbus.events.values import refusals
 
@@ -68,8 +69,8 @@ def _infer_field(annotation: Any, owner: str, name: str) -> fields.Field[Any]:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is Annotated:
-        declared = args[1] if len(args) > 1 else None
-        if isinstance(declared, fields.Field):
+        declared = next((a for a in args[1:] if isinstance(a, fields.Field)), None)
+        if declared is not None:
             return copy.deepcopy(declared)
         return _infer_field(args[0], owner, name)
     if origin in (typing.Union, types.UnionType) and type(None) in args:
@@ -158,6 +159,8 @@ class Event:
     _naive_ok: ClassVar[bool] = True  # a field that may load a naive datetime
     _upcasters: ClassVar[dict[int, Upcaster]]
     _abstract: ClassVar[bool] = True
+    personal_fields: ClassVar[Mapping[str, personal.Personal]] = types.MappingProxyType({})
+    """Field name -> its ``personal(...)`` mark (``eventbus.events.personal``)."""
 
     event_id: uuid.UUID
     occurred_at: dt.datetime
@@ -186,6 +189,8 @@ class Event:
         )
         cls._upcasters = {}
         cls._abstract = abstract
+        found = personal.collect(cls, inspect.get_annotations(cls, eval_str=True))
+        cls.personal_fields = types.MappingProxyType(found)
         if abstract:
             return
         name = type if type is not None else _default_type_name(cls.__name__)
@@ -225,6 +230,8 @@ class Event:
         values = _load(cls, payload, errors)
         if not errors:  # what validates must also be what the store and the wire carry
             errors.update(refusals(cls._schema.dump(values)))
+        if cls.personal_fields and not errors:
+            errors.update(personal.subject_problems(cls, values))
         envelope = _envelope(event_id, occurred_at, correlation_id, causation_id, errors)
         if errors:
             raise EventValidationError(cls._label(), errors)
@@ -246,6 +253,7 @@ class Event:
 
     def __repr__(self) -> str:
         shown = {**self.payload, "event_id": self.event_id}
+        shown.update(dict.fromkeys(self.personal_fields, personal.HIDDEN))  # never in a log
         if self.position is not None:
             shown["position"] = self.position
         args = ", ".join(f"{k}={v!r}" for k, v in shown.items())
