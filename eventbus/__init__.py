@@ -1,8 +1,8 @@
 """eventbus: publish what happened; let independent services react.
 
-What an application uses: ``Event, fields, validate`` (define events); ``EventStore, Aggregate,
-upgrade_database`` (store them); ``Service, Projection, Context`` (subscribe); ``Relay, Worker,
-running, replay`` (run the bus, replay the store); ``Responders, RequestClient`` (request/reply).
+What an application uses: ``Event, fields, validate, personal`` (define events); ``EventStore,
+Aggregate, upgrade_database`` (store them); ``Service, Projection, Context`` (subscribe);
+``Relay, Worker, running, replay`` (run the bus, replay the store); ``Responders, RequestClient``.
 They load on first use (``eventbus --help`` imports no database or broker library). Exceptions:
 ``eventbus.errors`` (one tree under ``EventbusError``); the layout: ``docs/architecture.md``.
 """
@@ -18,7 +18,9 @@ if TYPE_CHECKING:
     from marshmallow import fields, validate
 
     from eventbus.errors import EventbusError
+    from eventbus.events.forgotten import SubjectForgotten
     from eventbus.events.model import Event
+    from eventbus.events.personal import personal
     from eventbus.logging import configure_logging
     from eventbus.rpc.client import RequestClient
     from eventbus.rpc.responders import RequestContext, Responders
@@ -48,9 +50,11 @@ _PUBLIC = {
     "Responders": ("eventbus.rpc.responders", "Responders"),
     "Service": ("eventbus.subscribe.subscriptions", "Service"),
     "Settings": ("eventbus.settings", "Settings"),
+    "SubjectForgotten": ("eventbus.events.forgotten", "SubjectForgotten"),
     "Worker": ("eventbus.run.worker", "Worker"),
     "configure_logging": ("eventbus.logging", "configure_logging"),
     "fields": ("marshmallow", "fields"),
+    "personal": ("eventbus.events.personal", "personal"),
     "replay": ("eventbus.subscribe.replay", "replay"),
     "running": ("eventbus.run.worker", "running"),
     "upgrade_database": ("eventbus.store.migrate", "upgrade"),
@@ -71,9 +75,11 @@ __all__ = [
     "Responders",
     "Service",
     "Settings",
+    "SubjectForgotten",
     "Worker",
     "configure_logging",
     "fields",
+    "personal",
     "replay",
     "running",
     "upgrade_database",

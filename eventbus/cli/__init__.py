@@ -38,6 +38,11 @@ COMMANDS = {
         "demo",
         "Run the image-upload example end to end, embedded: no server needed.",
     ),
+    "forget": (
+        "eventbus.cli.forget",
+        "forget",
+        "Forget a person: delete SUBJECT's data key, so its personal fields read as placeholders.",
+    ),
     "parked": (
         "eventbus.cli.parked",
         "parked",
