@@ -140,7 +140,7 @@ def unseal(key: bytes, token: str, event_id: uuid.UUID, name: str) -> bytes:
         return AESGCM(key).decrypt(sealed[:_NONCE], sealed[_NONCE:], _aad(event_id, name))
     except (InvalidTag, ValueError):
         raise ValueError(
-            f"personal field {name!r}: the sealed value does not authenticate"
+            "the sealed value does not authenticate with its key (moved, altered or corrupt)"
         ) from None
 
 
