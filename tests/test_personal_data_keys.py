@@ -14,11 +14,12 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from eventbus import Event, EventStore, personal, upgrade_database
+from eventbus import Aggregate, Event, EventStore, personal, upgrade_database
 from eventbus.cli import main
 from eventbus.errors import ConcurrencyError, StoreError
 from eventbus.events.personal import key_id_of
 from eventbus.store.tables import events as T
+from eventbus.store.tables import snapshots as S
 from eventbus.store.tables import subject_keys as K
 from tests.conftest import wait_for
 
@@ -190,3 +191,33 @@ def test_the_subject_of_a_uuid_field_is_its_text(store: EventStore) -> None:
     assert [r.subject for r in key_rows(store)] == [str(owner)]
     assert store.forget(str(owner)) is True
     assert [e.payload.get("note") for e in store.read_all()] == [None, None]
+
+
+class Member(Aggregate):
+    snapshot_every = 1
+
+    def __init__(self, aggregate_id: str) -> None:
+        super().__init__(aggregate_id)
+        self.name = ""
+
+    def apply(self, event: Event) -> None:
+        if isinstance(event, Joined):
+            self.name = event.name
+
+
+def test_forget_drops_the_snapshots_of_the_streams_it_sealed_values_in(store: EventStore) -> None:
+    ann, bea = Member("ann"), Member("bea")
+    ann.record(Joined(member="ann", name="Ann Secret"))
+    bea.record(Joined(member="bea", name="Bea Secret"))
+    ann.save(store)
+    bea.save(store)
+    with store.engine.connect() as conn:
+        assert "Ann Secret" in str(conn.execute(sa.select(S.c.state)).all())
+    assert Member.load(store, "ann").name == "Ann Secret"
+
+    assert store.forget("ann") is True
+    with store.engine.connect() as conn:
+        states = conn.execute(sa.select(S.c.stream_id, S.c.state)).all()
+    assert [(r.stream_id, r.state["name"]) for r in states] == [("member-bea", "Bea Secret")]
+    assert Member.load(store, "ann").name == "(forgotten)"  # rebuilt from its stream
+    assert Member.load(store, "bea").name == "Bea Secret"
