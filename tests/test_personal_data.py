@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -306,3 +308,14 @@ def test_after_forget_no_table_message_dead_letter_or_log_holds_the_plaintext(
     assert "refused" in logged  # the dead letter's reason was logged
     for secret in secrets:
         assert secret not in logged
+
+
+def test_the_readme_example_runs(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Forgetting a person") :]
+    code = section[section.index("```python\n") + 10 : section.index("```\n", 10)]
+    (tmp_path / "example.py").write_text(code)
+    ran = subprocess.run(
+        [sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr

@@ -221,3 +221,27 @@ def test_forget_drops_the_snapshots_of_the_streams_it_sealed_values_in(store: Ev
     assert [(r.stream_id, r.state["name"]) for r in states] == [("member-bea", "Bea Secret")]
     assert Member.load(store, "ann").name == "(forgotten)"  # rebuilt from its stream
     assert Member.load(store, "bea").name == "Bea Secret"
+
+
+class OldShape(Event, type="pdk.shape_v1"):
+    member: str
+    mail: Annotated[str, personal("member")]
+
+
+class NewShape(Event, type="pdk.shape", version=2):
+    member: str
+    email: Annotated[str, personal("member", placeholder="gone")]
+
+
+@NewShape.upcaster(1)
+def _renamed(payload: dict[str, Any]) -> dict[str, Any]:
+    return {"member": payload["member"], "email": payload["mail"]}
+
+
+def test_a_personal_field_an_upcaster_renames_is_unsealed_and_forgotten(store: EventStore) -> None:
+    store.append("s-1", [OldShape(member="a", mail="a@example.com")])
+    with store.engine.begin() as conn:  # as a version 1 of NewShape was stored
+        conn.execute(sa.update(T).values(type="pdk.shape", schema_version=1))
+    assert [e.payload for e in store.read_all()] == [{"member": "a", "email": "a@example.com"}]
+    store.forget("a")
+    assert next(e.payload for e in store.read_all()) == {"member": "a", "email": "gone"}

@@ -198,7 +198,7 @@ def _unsealed(
     cls: type[Event], event_id: uuid.UUID, payload: Mapping[str, Any], keys: Any
 ) -> Mapping[str, Any]:
     if keys is None:
-        if any(key_id_of(payload.get(name)) for name in cls.personal_fields):
+        if any(key_id_of(value) for value in payload.values()):
             raise MalformedMessage(
                 f"{cls.type} {event_id}: its personal fields are sealed and this reader has no "
                 "key ring (decode(..., keys=store.keys.for_bodies(...)))"

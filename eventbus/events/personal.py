@@ -145,23 +145,25 @@ def unseal(key: bytes, token: str, event_id: uuid.UUID, name: str) -> bytes:
 
 
 def key_ids(cls: type[Event] | None, payload: Any) -> set[str]:
-    """The key ids of the tokens in ``cls``'s personal fields of ``payload``."""
+    """The key ids of the tokens in ``payload`` (of an event of ``cls``, which has personal
+    fields: else none are looked for)."""
     if cls is None or not cls.personal_fields or not isinstance(payload, Mapping):
         return set()
-    found = (key_id_of(payload.get(name)) for name in cls.personal_fields)
+    found = (key_id_of(value) for value in payload.values())
     return {k for k in found if k is not None}
 
 
 def unseal_payload(
     cls: type[Event], event_id: uuid.UUID, payload: Mapping[str, Any], keys: Mapping[str, bytes]
 ) -> Mapping[str, Any]:
-    """``payload`` with each token in a personal field replaced by its plaintext value, or by
-    ``FORGOTTEN`` when ``keys`` has no key of its id (the subject was forgotten)."""
+    """``payload`` with each token replaced by its plaintext value, or by ``FORGOTTEN`` when
+    ``keys`` has no key of its id (the subject was forgotten). Every top-level field is looked
+    at, under its stored name: a personal field an upcaster renames then gets its plaintext."""
     from eventbus.events.codec import loads
 
     out: dict[str, Any] | None = None
-    for name in cls.personal_fields:
-        key_id = key_id_of(payload.get(name))
+    for name, value in payload.items():
+        key_id = key_id_of(value)
         if key_id is None:
             continue
         out = dict(payload) if out is None else out
