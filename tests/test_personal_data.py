@@ -319,3 +319,31 @@ def test_the_readme_example_runs(tmp_path: Path) -> None:
         [sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert ran.returncode == 0, ran.stdout + ran.stderr
+
+
+def test_request_reply_refuses_personal_data_with_a_clear_error() -> None:
+    from eventbus import RequestClient, Responders
+    from eventbus.errors import RemoteError
+
+    tag = uuid.uuid4().hex[:8]
+
+    class WhoIs(Event, type=f"pd-{tag}.who_is"):
+        user_id: str
+
+    directory = Responders(f"directory-{tag}")
+
+    @directory.answers(WhoIs)
+    def who_is(request: WhoIs) -> Registered:
+        return Registered(user_id=request.user_id, email="ann@example.com")
+
+    runner = directory.start("memory://")
+    client = RequestClient("memory://")
+    try:
+        wait_for(runner.ready.is_set, 30, "the responder to consume")
+        with pytest.raises(RemoteError, match=r"PublishError.*email.*append the event instead"):
+            client.call(WhoIs(user_id="u1"), timeout=30)
+        with pytest.raises(PublishError, match="personal field"):
+            client.call(Registered(user_id="u1", email="ann@example.com"), timeout=30)
+    finally:
+        runner.stop()
+        client.close()

@@ -178,8 +178,8 @@ def unseal_payload(
     return payload if out is None else out
 
 
-def has_forgotten(payload: Mapping[str, Any]) -> bool:
-    return any(v is FORGOTTEN for v in payload.values())
+def has_forgotten(payload: Any) -> bool:
+    return isinstance(payload, Mapping) and any(v is FORGOTTEN for v in payload.values())
 
 
 def load_forgetting(cls: type[Event], data: Mapping[str, Any], errors: dict[str, Any]) -> Any:
