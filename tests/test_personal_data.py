@@ -35,6 +35,7 @@ from eventbus.events.codec import dumps
 from eventbus.events.personal import PREFIX
 from eventbus.run.worker import running
 from eventbus.store.tables import events as T
+from eventbus.store.tables import subject_keys as K
 from eventbus.testing import capture_logs
 from tests.conftest import Broker, wait_for
 
@@ -128,7 +129,13 @@ def test_personal_values_are_sealed_and_read_back_until_forgotten(store: EventSt
     ]
     assert [e.email for e in store.read_all()] == [ann, ann, bob]
 
-    assert store.forget("u1") is True
+    with store.engine.connect() as conn:
+        key = bytes(conn.execute(sa.select(K.c.key).where(K.c.subject == "u1")).scalar_one())
+    assert len(key) == 32 and (store.engine.dialect.name != "sqlite" or key in file_bytes(store))
+    with capture_logs() as logs:
+        assert store.forget("u1") is True
+    assert [line["event"] for line in logs] == ["store.subject_forgotten"]  # no scrub failed
+    assert key not in file_bytes(store)  # SQLite: zeroed (secure_delete), the WAL truncated
     after = list(store.read_all())
     assert [(e.type, e.payload) for e in after] == [
         (
