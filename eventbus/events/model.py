@@ -49,7 +49,9 @@ ENVELOPE_FIELDS = (
     "stream_version",
     "position",
 )
-_RESERVED = frozenset({*ENVELOPE_FIELDS, "type", "schema_version", "routing_key", "payload"})
+_RESERVED = frozenset(
+    {*ENVELOPE_FIELDS, "type", "schema_version", "routing_key", "payload", "personal_fields"}
+)
 # Words of letters, digits, '_' and '-', joined by dots: valid as a type name and as an AMQP
 # routing key (no '*' or '#', which are binding wildcards).
 _NAME = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
