@@ -23,7 +23,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kombu.transport import memory
 
-from eventbus import Event, EventStore, Relay, SubjectForgotten, Worker, fields, personal
+from eventbus import (
+    Event,
+    EventStore,
+    Relay,
+    SubjectForgotten,
+    Worker,
+    fields,
+    personal,
+    validate,
+)
 from eventbus.bus.wire import decode, encode, encode_record
 from eventbus.errors import (
     EventDefinitionError,
@@ -33,6 +42,7 @@ from eventbus.errors import (
 )
 from eventbus.events.codec import dumps
 from eventbus.events.personal import PREFIX
+from eventbus.ops import deadletters
 from eventbus.run.worker import running
 from eventbus.store.tables import events as T
 from eventbus.store.tables import subject_keys as K
@@ -84,6 +94,26 @@ def test_a_wrong_subject_is_refused_when_the_class_is_defined() -> None:
 def test_a_personal_value_without_its_subject_is_refused_naming_the_subject_field() -> None:
     with pytest.raises(EventValidationError, match=r"user_id: Required: the subject of"):
         Registered(user_id="", email="ann@example.com")
+
+
+class Coded(Event, type="pd.coded"):
+    user_id: str
+    code: Annotated[
+        str,
+        fields.Str(validate=validate.Equal("ok", error="{input} is not {other}")),
+        personal("user_id"),
+    ]
+    amount: Annotated[float, personal("user_id")] = 0.0
+
+
+def test_a_validation_error_of_a_personal_field_does_not_echo_its_value() -> None:
+    with pytest.raises(EventValidationError) as refused:
+        Coded(user_id="u1", code="hunter2-secret")
+    assert str(refused.value) == "invalid Coded (pd.coded): code: <personal> is not ok"
+    with pytest.raises(EventValidationError) as refused:
+        Coded(user_id="u1", code="ok", amount=3.5e17)
+    assert "amount: <personal> is a float of 1e16 or more" in str(refused.value)
+    assert "3.5e+17" not in str(refused.value)
 
 
 def test_publishing_personal_data_without_the_store_is_refused() -> None:
@@ -251,10 +281,11 @@ def test_after_forget_no_table_message_dead_letter_or_log_holds_the_plaintext(
     back = names.service("back")
     welcomed: list[tuple[str, str]] = []
     audited: list[tuple[str, str, str | None]] = []
+    fixed = False
 
     @front.handles(Registered)
     def welcome(event: Registered) -> None:
-        if event.plan == "poison":
+        if event.plan == "poison" and not fixed:
             raise RuntimeError("refused")  # no personal data in the reason
         welcomed.append((event.user_id, event.email))
 
@@ -311,6 +342,17 @@ def test_after_forget_no_table_message_dead_letter_or_log_holds_the_plaintext(
             ("u1", "forgotten@invalid", None),
             ("u2", bob, secrets[3]),
         ]
+
+        # The dead letter, retried once its handler is fixed, is handled with the placeholder
+        # (the dead-letter tools need a broker shared between processes: RabbitMQ).
+        if not url.startswith("memory"):
+            fixed = True
+            dead = front.handlers["welcome"].dead_letter_queue
+            assert deadletters.retry(url, dead).done == 1
+            fixed_worker = Worker(front, broker_url=url, store=store, exchange=names.exchange)
+            with running(fixed_worker):
+                wait_for(lambda: fixed_worker.counts["processed"] == 1, what="the retried one")
+            assert welcomed[-1] == ("u1", "forgotten@invalid")
     logged = repr(logs) + caplog.text
     assert "refused" in logged  # the dead letter's reason was logged
     for secret in secrets:

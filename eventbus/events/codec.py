@@ -19,7 +19,7 @@ import orjson
 from eventbus.errors import EventValidationError, UnsupportedVersion
 from eventbus.events import forgotten as _forgotten  # noqa: F401 (registers subject.forgotten)
 from eventbus.events.model import Event, _envelope, _fill, _load, event_class
-from eventbus.events.personal import has_forgotten, load_forgetting
+from eventbus.events.personal import has_forgotten, load_forgetting, scrub
 
 __all__ = ["decode_event", "dumps", "encode_payload", "loads", "upcast"]
 
@@ -71,7 +71,7 @@ def decode_event(
         values = _load(cls, data, errors)
     envelope = _envelope(event_id, occurred_at, correlation_id, causation_id, errors)
     if errors:
-        raise EventValidationError(cls._label(), errors)
+        raise EventValidationError(cls._label(), scrub(cls, data, errors))
     envelope.update(stream_id=stream_id, stream_version=stream_version, position=position)
     event = object.__new__(cls)
     _fill(event, values, envelope)

@@ -236,7 +236,7 @@ class Event:
             errors.update(personal.subject_problems(cls, values))
         envelope = _envelope(event_id, occurred_at, correlation_id, causation_id, errors)
         if errors:
-            raise EventValidationError(cls._label(), errors)
+            raise EventValidationError(cls._label(), personal.scrub(cls, payload, errors))
         _fill(self, values, envelope)
 
     # -- value semantics -------------------------------------------------------------------
