@@ -29,6 +29,7 @@ from eventbus.events.forgotten import FORGOTTEN_STREAM, SubjectForgotten
 from eventbus.events.model import Event
 from eventbus.events.model import _registry as _classes
 from eventbus.events.personal import KEY_ID, key_ids, new_key_id, seal, subject_of, unseal_payload
+from eventbus.store.sequencer import reader
 from eventbus.store.tables import events as T
 from eventbus.store.tables import insert
 from eventbus.store.tables import snapshots as S
@@ -141,7 +142,7 @@ class KeyRing:
         query = sa.select(K).where(K.c.key_id.in_(wanted))
         if conn is not None:
             return {r.key_id: self._unwrap(r) for r in conn.execute(query)}
-        with self.engine.connect() as own:
+        with reader(self.engine) as own:  # on SQLite without the write lock
             return {r.key_id: self._unwrap(r) for r in own.execute(query)}
 
     def for_rows(self, rows: Sequence[Any], conn: Connection | None = None) -> dict[str, bytes]:
