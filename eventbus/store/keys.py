@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import hashlib
 import os
@@ -192,16 +193,19 @@ class KeyRing:
         of SQLite's write-ahead log (a checkpoint)."""
         sql = "PRAGMA wal_checkpoint(TRUNCATE)" if sqlite else f"VACUUM {K.name}"
         raw = self.engine.raw_connection()  # outside a transaction, as both statements need
+        driver: Any = raw.driver_connection
         try:
-            if sqlite:
-                raw.driver_connection.execute(sql)  # type: ignore[union-attr]
-            else:
-                raw.driver_connection.autocommit = True  # type: ignore[union-attr]
-                raw.driver_connection.execute(sql)  # type: ignore[union-attr]
-                raw.driver_connection.autocommit = False  # type: ignore[union-attr]
+            if not sqlite:
+                driver.autocommit = True
+            cursor = raw.cursor()
+            cursor.execute(sql)
+            cursor.close()
         except Exception as exc:  # best effort: the key is deleted either way
             log.warning("store.forget_scrub_failed", statement=sql, error=str(exc))
         finally:
+            if not sqlite:
+                with contextlib.suppress(Exception):
+                    driver.autocommit = False  # back to the pool as it came
             raw.close()
 
 
