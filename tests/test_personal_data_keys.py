@@ -245,3 +245,35 @@ def test_a_personal_field_an_upcaster_renames_is_unsealed_and_forgotten(store: E
     assert [e.payload for e in store.read_all()] == [{"member": "a", "email": "a@example.com"}]
     store.forget("a")
     assert next(e.payload for e in store.read_all()) == {"member": "a", "email": "gone"}
+
+
+def test_a_worker_without_the_master_key_fails_its_batch_and_dead_letters_nothing(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eventbus import Relay, Service, Worker
+    from eventbus.run.worker import running
+    from eventbus.testing import capture_logs
+
+    tag = uuid.uuid4().hex[:8]
+    monkeypatch.setenv("EVENTBUS_MASTER_KEY", base64.b64encode(os.urandom(32)).decode())
+    writer = EventStore(db_url)
+    writer.append("m-1", [Joined(member="a", name="Ann")])
+    monkeypatch.delenv("EVENTBUS_MASTER_KEY")
+    reader = EventStore(db_url)
+    svc = Service(f"keyless-{tag}")
+    seen: list[str] = []
+
+    @svc.handles(Joined)
+    def greet(event: Joined) -> None:
+        seen.append(event.name)
+
+    worker = Worker(svc, broker_url="memory://", store=reader, exchange=f"x-{tag}")
+    with capture_logs() as logs, running(worker):
+        assert worker.ready.wait(60)
+        Relay(writer, "memory://", exchange=f"x-{tag}", name=f"x-{tag}").publish_pending()
+        wait_for(lambda: any(line["event"] == "worker.batch_failed" for line in logs))
+    (failed, *_) = [line for line in logs if line["event"] == "worker.batch_failed"]
+    assert "subject keys are wrapped by master key" in failed["error"]
+    assert seen == [] and worker.counts["dead"] == 0
+    writer.close()
+    reader.close()
