@@ -91,7 +91,7 @@ class EventStore:
         else:
             self.engine = url_or_engine
         self.page_size = page_size
-        self.keys = KeyRing(self.engine, master_key)  # personal data: ``store.keys``
+        self.keys = KeyRing(self.engine, master_key)  # else EVENTBUS_MASTER_KEY (personal data)
         self._sequenced = self.engine.dialect.name != "sqlite"
 
     def close(self) -> None:
