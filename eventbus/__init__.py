@@ -1,8 +1,8 @@
 """eventbus: publish what happened; let independent services react.
 
-What an application uses: ``Event, fields, validate`` (define events); ``EventStore, Aggregate,
-upgrade_database`` (store them); ``Service, Projection, Context`` (subscribe); ``Relay, Worker,
-running, replay`` (run the bus, replay the store); ``Responders, RequestClient`` (request/reply).
+What an application uses: ``Event, fields, validate, personal`` (define events); ``EventStore,
+Aggregate, upgrade_database`` (store them); ``Service, Projection, Context`` (subscribe);
+``Relay, Worker, running, replay`` (run the bus, replay the store); ``Responders, RequestClient``.
 They load on first use (``eventbus --help`` imports no database or broker library). Exceptions:
 ``eventbus.errors`` (one tree under ``EventbusError``); the layout: ``docs/architecture.md``.
 """
@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 
     from eventbus.bus.tap import Tap
     from eventbus.errors import EventbusError
+    from eventbus.events.forgotten import SubjectForgotten
     from eventbus.events.model import Event
+    from eventbus.events.personal import personal
     from eventbus.logging import configure_logging
     from eventbus.ops.detours import detour_step
     from eventbus.rpc.client import RequestClient
@@ -51,10 +53,12 @@ _PUBLIC = {
     "Service": ("eventbus.subscribe.subscriptions", "Service"),
     "Settings": ("eventbus.settings", "Settings"),
     "Tap": ("eventbus.bus.tap", "Tap"),
+    "SubjectForgotten": ("eventbus.events.forgotten", "SubjectForgotten"),
     "Worker": ("eventbus.run.worker", "Worker"),
     "configure_logging": ("eventbus.logging", "configure_logging"),
     "detour_step": ("eventbus.ops.detours", "detour_step"),
     "fields": ("marshmallow", "fields"),
+    "personal": ("eventbus.events.personal", "personal"),
     "replay": ("eventbus.subscribe.replay", "replay"),
     "running": ("eventbus.run.worker", "running"),
     "upgrade_database": ("eventbus.store.migrate", "upgrade"),
@@ -75,11 +79,13 @@ __all__ = [
     "Responders",
     "Service",
     "Settings",
+    "SubjectForgotten",
     "Tap",
     "Worker",
     "configure_logging",
     "detour_step",
     "fields",
+    "personal",
     "replay",
     "running",
     "upgrade_database",

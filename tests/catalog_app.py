@@ -9,16 +9,9 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import uuid
-from dataclasses import dataclass
 from typing import Annotated, Any
 
-from eventbus import Context, Event, Projection, Service, fields, validate
-
-
-@dataclass(frozen=True)
-class Personal:
-    subject: str
-    placeholder: str = "<erased>"
+from eventbus import Context, Event, Projection, Service, fields, personal, validate
 
 
 class OrderPlaced(
@@ -27,7 +20,7 @@ class OrderPlaced(
     """A customer placed an order."""
 
     order_id: uuid.UUID
-    customer_email: Annotated[str, fields.Email()]
+    customer_email: Annotated[str, fields.Email(), personal("order_id", placeholder="<erased>")]
     total: Annotated[decimal.Decimal, fields.Decimal(as_string=True, validate=validate.Range(0))]
     placed_at: dt.datetime
     note: str | None = None
@@ -37,9 +30,6 @@ class OrderPlaced(
 @OrderPlaced.upcaster(1)
 def _items(payload: dict[str, Any]) -> dict[str, Any]:
     return {**payload, "items": []}
-
-
-OrderPlaced.personal_fields = {"customer_email": Personal("order_id")}  # type: ignore[attr-defined]
 
 
 class OrderShipped(Event, type="catalog.order_shipped", routing_key="catalog.shipping.done"):

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import jsonschema
-import pytest
 import yaml
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eventbus.cli import main
 from eventbus.ops.asyncapi import document, to_yaml
 from eventbus.ops.catalog import load_application
 
@@ -47,18 +47,24 @@ def test_the_example_document_validates_against_asyncapi_3() -> None:
         "image.resized",
         "image.friends_notified",
         "image.tweeted",
+        "subject.forgotten",
     }
 
 
-def test_the_example_document_is_current(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.chdir(ROOT)
-    monkeypatch.delenv("EVENTBUS_EXCHANGE", raising=False)
+def test_the_example_document_is_current(tmp_path: Path) -> None:
+    # A process of its own: the example's event types are not mixed with the tests' fixtures.
+    env = {k: v for k, v in os.environ.items() if k != "EVENTBUS_EXCHANGE"}
     out = tmp_path / "asyncapi.yaml"
-    result = CliRunner().invoke(
-        main,
-        ["asyncapi", *EXAMPLE_MODULES, "--title", "Image upload", "--output", str(out)],
+    command = ["asyncapi", *EXAMPLE_MODULES, "--title", "Image upload", "--output", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-m", "eventbus", *command],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.stderr
     fresh = out.read_text()
     assert fresh == EXAMPLE.read_text(), f"examples/image_upload/asyncapi.yaml is stale: {REFRESH}"
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import json
 import uuid
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 from eventbus.cli import main
@@ -150,8 +152,6 @@ def test_a_stale_line_rolls_back_its_batch(db_url: str, store: EventStore) -> No
 def test_with_type_and_stream_a_line_may_be_the_bare_payload(
     db_url: str, store: EventStore
 ) -> None:
-    # (OrderPlaced, whose personal-data marker and expiry are set by hand, is not appended:
-    # what the store does with those belongs to the features that define them.)
     order = uuid.uuid4()
     lines = [
         json.dumps(shipped(order)),
@@ -192,3 +192,27 @@ def test_a_load_run_again_with_event_ids_stores_nothing_twice(
     assert first.exit_code == 0 and again.exit_code == 0, again.output
     assert again.stdout == first.stdout
     assert [e.event_id for e in store.read_stream("o-1")] == ids
+
+
+def test_personal_fields_appended_from_the_command_line_are_sealed(
+    db_url: str, store: EventStore
+) -> None:
+    order = uuid.uuid4()
+    payload = {
+        "order_id": str(order),
+        "customer_email": "ann.secret@example.com",
+        "total": "12.50",
+        "placed_at": "2026-12-03T10:00:00+00:00",
+    }
+    result = append(
+        db_url, "catalog.order_placed", "--stream", "o-9", "--json", json.dumps(payload)
+    )
+    assert result.exit_code == 0, result.output
+    with store.engine.connect() as db:
+        raw = db.execute(sa.text("SELECT payload FROM eventbus_events")).scalar_one()
+    assert "ann.secret" not in str(raw)  # sealed as any append seals it
+    (event,) = store.read_stream("o-9")
+    assert event.customer_email == "ann.secret@example.com"
+    assert store.forget(str(order)) is True
+    (event,) = store.read_stream("o-9")
+    assert event.customer_email == "<erased>" and event.total == decimal.Decimal("12.50")

@@ -25,6 +25,7 @@ from eventbus.bus.amqp import UNDECODABLE
 from eventbus.errors import EventError, MalformedMessage, PublishError
 from eventbus.events.codec import decode_event, dumps, encode_payload, loads
 from eventbus.events.model import Event, event_class
+from eventbus.events.personal import key_id_of, unseal_payload
 
 CONTENT_TYPE = "application/json"
 _HEADER_INTS = ("schema_version", "stream_version", "position")
@@ -46,7 +47,9 @@ PROPERTIES = (
 
 
 def encode(event: Event) -> Message:
-    """``(body, properties, headers)`` for publishing ``event``."""
+    """``(body, properties, headers)`` for publishing ``event``; ``PublishError`` if it holds
+    personal data (that travels sealed, from the store: append the event instead)."""
+    refuse_personal(event)
     return encode_record(dumps(encode_payload(event)), event)
 
 
@@ -103,8 +106,16 @@ def _text(value: Any, what: str, *context: object) -> str | None:
     raise MalformedMessage(f"{' '.join(map(str, context))}: {reason}" if context else reason)
 
 
-def decode(body: bytes | str, properties: Mapping[str, Any], headers: Mapping[str, Any]) -> Event:
+def decode(
+    body: bytes | str,
+    properties: Mapping[str, Any],
+    headers: Mapping[str, Any],
+    keys: Mapping[str, bytes] | None = None,
+) -> Event:
     """The event a received message carries; ``MalformedMessage`` says why it is not one.
+
+    ``keys`` (``KeyRing.for_bodies``) unseal personal fields; without them a sealed one is
+    ``MalformedMessage``.
 
     ``schema_version`` may be left out by foreign publishers: it then means the current version.
     ``occurred_at`` falls back to the ``timestamp`` property.
@@ -146,6 +157,8 @@ def decode(body: bytes | str, properties: Mapping[str, Any], headers: Mapping[st
         if value is not None and not -(2**63) <= value < 2**63:  # what AMQP and the store carry
             raise MalformedMessage(f"{type_name} {event_id}: header {name!r} is beyond 64 bits")
     occurred_at = _occurred_at(type_name, event_id, properties, headers)
+    if cls.personal_fields and isinstance(payload, Mapping):
+        payload = _unsealed(cls, event_id, payload, keys)
     context = (type_name, event_id)
     correlation_id = _text(properties.get("correlation_id"), "'correlation_id'", *context)
     causation_id = _text(headers.get("causation_id"), "header 'causation_id'", *context)
@@ -169,6 +182,32 @@ def decode(body: bytes | str, properties: Mapping[str, Any], headers: Mapping[st
         raise MalformedMessage(
             f"{type_name} {event_id}: decoding failed: {type(exc).__name__}: {exc}"
         ) from None
+
+
+def refuse_personal(event: Event) -> None:
+    """``PublishError`` if ``event`` holds a personal value (never published in the clear)."""
+    held = [n for n in event.personal_fields if event.payload.get(n) is not None]
+    if held:
+        raise PublishError(
+            f"{event._label()}: personal field(s) {', '.join(held)} are published only sealed, "
+            "by the relay from the event store: append the event instead"
+        )
+
+
+def _unsealed(
+    cls: type[Event], event_id: uuid.UUID, payload: Mapping[str, Any], keys: Any
+) -> Mapping[str, Any]:
+    if keys is None:
+        if any(key_id_of(value) for value in payload.values()):
+            raise MalformedMessage(
+                f"{cls.type} {event_id}: its personal fields are sealed and this reader has no "
+                "key ring (decode(..., keys=store.keys.for_bodies(...)))"
+            )
+        return payload
+    try:
+        return unseal_payload(cls, event_id, payload, keys)
+    except EventError as exc:
+        raise MalformedMessage(str(exc)) from None
 
 
 def _occurred_at(

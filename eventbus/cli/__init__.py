@@ -58,6 +58,11 @@ COMMANDS = {
         "events",
         "List every event type the application defines: versions, fields, subscribers.",
     ),
+    "forget": (
+        "eventbus.cli.forget",
+        "forget",
+        "Forget a person: delete SUBJECT's data key, so its personal fields read as placeholders.",
+    ),
     "parked": (
         "eventbus.cli.parked",
         "parked",

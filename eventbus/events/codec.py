@@ -17,7 +17,9 @@ from typing import Any
 import orjson
 
 from eventbus.errors import EventValidationError, UnsupportedVersion
+from eventbus.events import forgotten as _forgotten  # noqa: F401 (registers subject.forgotten)
 from eventbus.events.model import Event, _envelope, _fill, _load, event_class
+from eventbus.events.personal import has_forgotten, load_forgetting, scrub
 
 __all__ = ["decode_event", "dumps", "encode_payload", "loads", "upcast"]
 
@@ -46,7 +48,13 @@ def decode_event(
     Raises ``UnknownEventType``, ``UnsupportedVersion`` or ``EventValidationError``.
     """
     cls = event_class(type_name)
-    if type(payload) is dict and schema_version == cls.schema_version and not cls._naive_ok:
+    plain = not (cls.personal_fields and has_forgotten(payload))
+    if (
+        type(payload) is dict
+        and schema_version == cls.schema_version
+        and not cls._naive_ok
+        and plain
+    ):
         event = _decode_plain(cls, payload, event_id, occurred_at, correlation_id, causation_id)
         if event is not None:
             event.__dict__.update(
@@ -57,10 +65,13 @@ def decode_event(
         raise EventValidationError(cls._label(), {"_schema": ["Payload is not a JSON object."]})
     data = upcast(cls, schema_version, payload)
     errors: dict[str, Any] = {}
-    values = _load(cls, data, errors)
+    if cls.personal_fields and has_forgotten(data):
+        values = load_forgetting(cls, data, errors)
+    else:
+        values = _load(cls, data, errors)
     envelope = _envelope(event_id, occurred_at, correlation_id, causation_id, errors)
     if errors:
-        raise EventValidationError(cls._label(), errors)
+        raise EventValidationError(cls._label(), scrub(cls, data, errors))
     envelope.update(stream_id=stream_id, stream_version=stream_version, position=position)
     event = object.__new__(cls)
     _fill(event, values, envelope)

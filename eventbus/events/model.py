@@ -28,6 +28,7 @@ from eventbus.errors import (
     EventValidationError,
     UnknownEventType,
 )
+from eventbus.events import personal
 from eventbus.events.fastload import Loader, compile_loader
 from eventbus.events.values import refusals
 
@@ -48,7 +49,9 @@ ENVELOPE_FIELDS = (
     "stream_version",
     "position",
 )
-_RESERVED = frozenset({*ENVELOPE_FIELDS, "type", "schema_version", "routing_key", "payload"})
+_RESERVED = frozenset(
+    {*ENVELOPE_FIELDS, "type", "schema_version", "routing_key", "payload", "personal_fields"}
+)
 # Words of letters, digits, '_' and '-', joined by dots: valid as a type name and as an AMQP
 # routing key (no '*' or '#', which are binding wildcards).
 _NAME = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
@@ -68,8 +71,8 @@ def _infer_field(annotation: Any, owner: str, name: str) -> fields.Field[Any]:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is Annotated:
-        declared = args[1] if len(args) > 1 else None
-        if isinstance(declared, fields.Field):
+        declared = next((a for a in args[1:] if isinstance(a, fields.Field)), None)
+        if declared is not None:
             return copy.deepcopy(declared)
         return _infer_field(args[0], owner, name)
     if origin in (typing.Union, types.UnionType) and type(None) in args:
@@ -163,6 +166,8 @@ class Event:
     _naive_ok: ClassVar[bool] = True  # a field that may load a naive datetime
     _upcasters: ClassVar[dict[int, Upcaster]]
     _abstract: ClassVar[bool] = True
+    personal_fields: ClassVar[Mapping[str, personal.Personal]] = types.MappingProxyType({})
+    """Field name -> its ``personal(...)`` mark (``eventbus.events.personal``)."""
 
     event_id: uuid.UUID
     occurred_at: dt.datetime
@@ -194,6 +199,8 @@ class Event:
         cls._upcasters = {}
         cls._abstract = abstract
         _delivery_options(cls, expires_after, priority)
+        found = personal.collect(cls, inspect.get_annotations(cls, eval_str=True))
+        cls.personal_fields = types.MappingProxyType(found)
         if abstract:
             return
         name = type if type is not None else _default_type_name(cls.__name__)
@@ -233,9 +240,11 @@ class Event:
         values = _load(cls, payload, errors)
         if not errors:  # what validates must also be what the store and the wire carry
             errors.update(refusals(cls._schema.dump(values)))
+        if cls.personal_fields and not errors:
+            errors.update(personal.subject_problems(cls, values))
         envelope = _envelope(event_id, occurred_at, correlation_id, causation_id, errors)
         if errors:
-            raise EventValidationError(cls._label(), errors)
+            raise EventValidationError(cls._label(), personal.scrub(cls, payload, errors))
         _fill(self, values, envelope)
 
     # -- value semantics -------------------------------------------------------------------
@@ -254,6 +263,7 @@ class Event:
 
     def __repr__(self) -> str:
         shown = {**self.payload, "event_id": self.event_id}
+        shown.update(dict.fromkeys(self.personal_fields, personal.HIDDEN))  # never in a log
         if self.position is not None:
             shown["position"] = self.position
         args = ", ".join(f"{k}={v!r}" for k, v in shown.items())

@@ -21,7 +21,7 @@ import kombu
 import structlog
 
 from eventbus.bus.runtime import as_bytes, broker_errors, connect, text
-from eventbus.bus.wire import Message, decode, encode, is_amqp
+from eventbus.bus.wire import Message, decode, encode, is_amqp, refuse_personal
 from eventbus.errors import MalformedMessage, NoResponder, RemoteError, RequestError, RequestTimeout
 from eventbus.events.codec import loads
 from eventbus.events.model import Event
@@ -254,6 +254,7 @@ class RequestClient:
             raise TypeError(f"a request is an Event, not {type(request).__name__}")
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, not {timeout!r}")
+        refuse_personal(request)  # PublishError: personal data would travel in the clear
         type_name = request.type
         correlation_id = str(request.event_id)
         bound = log.bind(request_type=type_name, correlation_id=correlation_id)

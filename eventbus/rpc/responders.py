@@ -28,7 +28,15 @@ import kombu
 import structlog
 
 from eventbus.bus.runtime import Delivery, Runtime, consume, text, truncate
-from eventbus.bus.wire import CONTENT_TYPE, Message, Publisher, decode, encode, is_amqp
+from eventbus.bus.wire import (
+    CONTENT_TYPE,
+    Message,
+    Publisher,
+    decode,
+    encode,
+    is_amqp,
+    refuse_personal,
+)
 from eventbus.errors import (
     BusError,
     HandlerDefinitionError,
@@ -397,6 +405,7 @@ class ResponderRunner(Runtime):
                 raise TypeError(
                     f"{answer.responder} returned {type(result).__name__}, not an Event (the reply)"
                 )
+            refuse_personal(result)  # a reply carrying personal data would travel in the clear
         except Exception as exc:
             bound.error("request.failed", error=redact(f"{type(exc).__name__}: {exc}"))
             job.reply = _error_reply(job, type(exc).__name__, str(exc))

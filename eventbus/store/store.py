@@ -37,7 +37,9 @@ from eventbus.events.values import text_problem
 from eventbus.store import sequencer
 from eventbus.store.delivery import delivery_headers
 from eventbus.store.engine import create_engine
+from eventbus.store.keys import KeyRing, unseal
 from eventbus.store.limits import encoded_payload, max_event_bytes_setting
+from eventbus.store.rows import INSERT_ONE, row_of
 from eventbus.store.tables import events as T
 
 log = structlog.get_logger("eventbus.store")
@@ -82,6 +84,7 @@ class EventStore:
         *,
         page_size: int = 1000,
         max_event_bytes: int | None = None,
+        master_key: bytes | str | None = None,
     ) -> None:
         if page_size < 1:
             raise ValueError("page_size must be >= 1")
@@ -91,6 +94,7 @@ class EventStore:
         else:
             self.engine = url_or_engine
         self.page_size = page_size
+        self.keys = KeyRing(self.engine, master_key)  # else EVENTBUS_MASTER_KEY (personal data)
         self._sequenced = self.engine.dialect.name != "sqlite"
 
     def close(self) -> None:
@@ -171,6 +175,7 @@ class EventStore:
     ) -> list[Event]:
         # Stored event ids are looked for only on a retry (after a unique violation) or a version
         # mismatch, the two ways a repeat shows.
+        payloads = self.keys.seal(conn, batch, payloads)
         if self._sequenced and not check_stored and len(batch) == 1:
             inserted = self._insert_at_current_version(
                 conn, stream_id, batch[0], (payloads[0], headers[0]), expected_version
@@ -198,7 +203,7 @@ class EventStore:
         result = []
         for offset, (event, position) in enumerate(zip(batch, positions, strict=True)):
             version = current + offset + 1
-            rows.append(_row(event, payloads[offset], stream_id, version, position))
+            rows.append(row_of(event, payloads[offset], stream_id, version, position))
             rows[-1]["headers"] = headers[offset]
             result.append(event.stored(stream_id, version, position))
         conn.execute(sa.insert(T), rows)
@@ -215,10 +220,10 @@ class EventStore:
         """PostgreSQL's fast path for one event: read the version and insert in one statement
         (built once: building SQL per call cost more CPU than the database did). None when no row
         went in (the stream is not at ``expected_version``): the caller looks again, says why."""
-        row = _row(event, payload[0], stream_id, 0, None) | {"headers": payload[1]}
+        row = row_of(event, payload[0], stream_id, 0, None) | {"headers": payload[1]}
         del row["position"], row["stream_version"]
         row["expected"] = expected_version
-        version = conn.execute(_INSERT_ONE, row).scalar_one_or_none()
+        version = conn.execute(INSERT_ONE, row).scalar_one_or_none()
         return None if version is None else [event.stored(stream_id, version, None)]
 
     def _stored_batch(
@@ -314,7 +319,7 @@ class EventStore:
                 sequenced_at_tail = False
                 if wanted is not None:
                     rows = [r for r in rows if topic_matches_any(wanted, r.routing_key or r.type)]
-                page = _decode_page(rows, after)
+                page = _decode_page(rows, after, self.keys.for_rows(rows))
                 if page.undecodable and not report_undecodable:
                     # The events before the bad one are read; then its error, naming it.
                     bad = page.undecodable[0]
@@ -365,8 +370,9 @@ class EventStore:
             )
             with self.reader() as conn:
                 rows = conn.execute(query).all()
+                keys = self.keys.for_rows(rows, conn)
             for row in rows:
-                yield _decode(row)
+                yield _decode(row, keys)
             if len(rows) < self.page_size:
                 return
             after = rows[-1].stream_version
@@ -380,6 +386,10 @@ class EventStore:
                 )
             )
             return int(value.scalar_one())
+
+    def forget(self, subject: str) -> bool:
+        """Delete ``subject``'s key, append ``subject.forgotten``; True if it had a key."""
+        return self.keys.forget(self, subject)
 
     def reader(self) -> Connection:
         """A connection for reads: on SQLite it does not take the write lock."""
@@ -399,78 +409,34 @@ _PG_PAGE = (
     "ORDER BY position LIMIT %(limit)s"
 )
 # A page must walk the position index in order and stop after ``limit`` rows. Without fresh
-# statistics (a table just bulk-loaded, before autovacuum's ANALYZE) the planner estimates a
-# range or a type filter at a few rows and picks a bitmap or sequential scan of everything after
-# ``after`` plus a sort: 40-60 ms per page of 1,000 instead of 2-4 (measured on 20,000 events),
-# growing with the table. These settings last until the page's transaction ends.
+# statistics (a table just bulk-loaded) the planner picks a bitmap or sequential scan plus a sort:
+# 40-60 ms per page of 1,000 instead of 2-4. These settings last until the page's transaction ends.
 _PG_WALK_THE_INDEX = (
     "SELECT set_config('enable_seqscan', 'off', true), "
     "set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true)"
 )
-_CURRENT = f"(SELECT coalesce(max(stream_version), 0) FROM {T.name} WHERE stream_id = :stream_id)"
-_INSERT_ONE = (
-    sa.text(
-        f"""
-        INSERT INTO {T.name} (event_id, stream_id, stream_version, type, schema_version,
-                              occurred_at, correlation_id, causation_id, payload, routing_key,
-                              headers)
-        SELECT :event_id, :stream_id, {_CURRENT} + 1, :type, :schema_version,
-               :occurred_at, :correlation_id, :causation_id, :payload, :routing_key, :headers
-        WHERE CAST(:expected AS INTEGER) IS NULL OR {_CURRENT} = :expected
-        RETURNING stream_version
-        """
-    )
-    .bindparams(
-        *(
-            sa.bindparam(c.name, type_=c.type)
-            for c in T.columns
-            if c.name not in ("id", "position", "stream_version")
-        )
-    )
-    .bindparams(sa.bindparam("expected", type_=sa.Integer))
-)
-
-
-def _row(
-    event: Event, payload: dict[str, Any], stream_id: str, version: int, position: int | None
-) -> dict[str, Any]:
-    return {
-        "position": position,
-        "event_id": event.event_id,
-        "stream_id": stream_id,
-        "stream_version": version,
-        "type": event.type,
-        "schema_version": event.schema_version,
-        "occurred_at": event.occurred_at,
-        "correlation_id": event.correlation_id,
-        "causation_id": event.causation_id,
-        "payload": payload,
-        "routing_key": None if event.routing_key == event.type else event.routing_key,
-    }
 
 
 def _backoff(attempt: int) -> None:
     time.sleep(random.uniform(0, min(0.05, 0.001 * (attempt + 1))))
 
 
-def _decode_page(rows: Sequence[sa.Row[Any]], last: int) -> Page:
+def _decode_page(rows: Sequence[sa.Row[Any]], last: int, keys: dict[str, bytes]) -> Page:
     page = Page([], last)
     for row in rows:
         try:
-            page.events.append(_decode(row))
+            page.events.append(_decode(row, keys))
         except EventError as exc:
             page.undecodable.append(
-                Undecodable(_uuid(row.event_id), row.type, row.position, row.stream_id, exc)
+                Undecodable(
+                    uuid.UUID(str(row.event_id)), row.type, row.position, row.stream_id, exc
+                )
             )
     return page
 
 
-def _uuid(value: Any) -> uuid.UUID:
-    return value if isinstance(value, uuid.UUID) else uuid.UUID(value)
-
-
-def _decode(row: Any) -> Event:
-    # A row of select(events) (or _PG_PAGE: payload as text), by index: faster than by name.
+def _decode(row: Any, keys: dict[str, bytes]) -> Event:
+    # A row of select(events) (or _PG_PAGE: payload as JSON text), by index: faster than by name.
     (
         _,
         position,
@@ -487,7 +453,7 @@ def _decode(row: Any) -> Event:
     return decode_event(
         type_name,
         schema_version,
-        loads(payload) if type(payload) is str else payload,
+        unseal(type_name, event_id, loads(payload) if type(payload) is str else payload, keys),
         event_id=event_id if type(event_id) is uuid.UUID else uuid.UUID(event_id),
         occurred_at=occurred_at
         if isinstance(occurred_at, dt.datetime)

@@ -196,3 +196,17 @@ detours = sa.Table(
     sa.Column("step", sa.String(255), nullable=False),
     sa.Column("since", UTCDateTime, nullable=False),
 )
+
+# Each subject's data key (crypto-shredding, ``store.keys``): deleting the row forgets the
+# subject. ``key_id`` is named in every value sealed with the key; ``wrapped_by`` is the
+# fingerprint of the master key that wraps ``key`` (NULL: stored unwrapped).
+subject_keys = sa.Table(
+    "eventbus_subject_keys",
+    metadata,
+    sa.Column("subject", sa.String(255), primary_key=True),
+    sa.Column("key_id", sa.String(32), nullable=False),
+    sa.Column("key", sa.LargeBinary, nullable=False),
+    sa.Column("wrapped_by", sa.String(32), nullable=True),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("key_id"),
+)

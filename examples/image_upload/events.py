@@ -1,17 +1,16 @@
 """What happens in the image-upload application: the facts every service agrees on.
 
 The upload service records ``UserLoggedIn`` and ``NewImage``; each service records what it did
-about a new image in that image's stream (``image-<image_id>``); ``ctx.append`` records it as
-caused by the ``NewImage`` (same correlation id, causation id = its event id).
-The points projection records nothing: it is a read model, rebuilt from these facts at will, and
-an event it recorded would be announced again by every rebuild.
-"""
+about a new image in ``image-<image_id>``, caused by the ``NewImage``. The points projection
+records nothing: it is a read model, rebuilt from these facts at will, and an event it recorded
+would be announced again by every rebuild. ``ip``, ``caption`` and the tweet's ``text`` are
+personal data of the user: sealed in store and wire, placeholders after ``eventbus forget USER``."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from eventbus import Event, fields, validate
+from eventbus import Event, fields, personal, validate
 
 ImageId = Annotated[str, fields.Str(validate=validate.Regexp("^[0-9a-f]{32}$"))]  # uuid4().hex
 UserId = Annotated[str, fields.Str(validate=validate.Length(min=1, max=64))]
@@ -19,7 +18,7 @@ UserId = Annotated[str, fields.Str(validate=validate.Length(min=1, max=64))]
 
 class UserLoggedIn(Event, type="user.logged_in"):
     user_id: UserId
-    ip: str = "unknown"
+    ip: Annotated[str, personal("user_id", placeholder="unknown")] = "unknown"
 
 
 class NewImage(Event, type="image.new"):
@@ -30,7 +29,7 @@ class NewImage(Event, type="image.new"):
     width: int
     height: int
     size: int  # bytes
-    caption: str = ""
+    caption: Annotated[str, personal("user_id", placeholder="")] = ""
 
 
 class ImageResized(Event, type="image.resized"):
@@ -45,10 +44,17 @@ class FriendsNotified(Event, type="image.friends_notified"):
     friends: list[str]
 
 
-class ImageTweeted(Event, type="image.tweeted"):
+class ImageTweeted(Event, type="image.tweeted", version=2):
     image_id: ImageId
+    user_id: UserId
     status_id: str
-    text: str
+    text: Annotated[str, personal("user_id", placeholder="")]  # it quotes the caption
+
+
+@ImageTweeted.upcaster(1)
+def _tweeted_by(payload: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 had no ``user_id``: the tweet's text begins with it ("bob shared ...")."""
+    return {**payload, "user_id": payload["text"].split(" ", 1)[0]}
 
 
 def image_stream(image_id: str) -> str:

@@ -2,7 +2,8 @@
 
 A projection: events are applied in the order they were stored, exactly once, and the whole
 model can be thrown away and rebuilt from the store (``eventbus replay
-examples.image_upload.points --reset``), e.g. after the rules below change.
+examples.image_upload.points --reset``), e.g. after the rules below change. A forgotten user
+(``subject.forgotten``) loses their rows, and a rebuild by replay drops them again.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import datetime as dt
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from eventbus import Context, Projection
+from eventbus import Context, Projection, SubjectForgotten
 from examples.image_upload.events import NewImage, UserLoggedIn
 from examples.image_upload.tables import badges, points
 
@@ -35,6 +36,13 @@ def logged_in(event: UserLoggedIn, ctx: Context) -> None:
 @scores.handles(NewImage)
 def uploaded(event: NewImage, ctx: Context) -> None:
     award(ctx.connection, event.user_id, event.occurred_at, uploads=1)
+
+
+@scores.handles(SubjectForgotten)
+def forgotten(event: SubjectForgotten, ctx: Context) -> None:
+    """A user asked to be forgotten: their points and badges go (user ids are the subjects)."""
+    ctx.connection.execute(sa.delete(badges).where(badges.c.user_id == event.subject))
+    ctx.connection.execute(sa.delete(points).where(points.c.user_id == event.subject))
 
 
 def award(

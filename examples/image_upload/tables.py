@@ -54,6 +54,7 @@ notifications = sa.Table(
     metadata,
     sa.Column("image_id", sa.String(32), primary_key=True),
     sa.Column("user_id", sa.String(64), primary_key=True),  # who is told
+    sa.Column("author", sa.String(64), nullable=False, index=True),  # who uploaded the image
     sa.Column("text", sa.String(300), nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )

@@ -21,5 +21,7 @@ def tweet(event: NewImage, ctx: Context) -> None:
     if ctx.dry_run:
         return
     status_id = post_status(text, idempotency_key=str(event.event_id))
-    done = ImageTweeted(image_id=event.image_id, status_id=status_id, text=text)
+    done = ImageTweeted(
+        image_id=event.image_id, user_id=event.user_id, status_id=status_id, text=text
+    )
     ctx.append(image_stream(event.image_id), [done])

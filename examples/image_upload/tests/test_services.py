@@ -98,18 +98,18 @@ def test_the_resizer_writes_nothing_when_the_image_is_gone(store: EventStore) ->
 def test_the_notifier_tells_each_friend_once(store: EventStore) -> None:
     image = upload_image(store, "alice", picture((32, 32)), "Sunset")
 
-    result = call(notifier, image, store=store)
+    result = call(notifier, image, store=store, handler="notify_friends")
 
     assert result.committed, result.exception
     (notified,) = result.appended
     assert isinstance(notified, FriendsNotified)
     assert (notified.user_id, notified.friends) == ("alice", ["bob", "carol"])
-    told = [(user, text) for _, user, text, _ in select(store, notifications, "user_id")]
+    told = [(user, text) for _, user, _, text, _ in select(store, notifications, "user_id")]
     assert told == [
         ("bob", "alice shared a new image: Sunset"),
         ("carol", "alice shared a new image: Sunset"),
     ]
-    assert call(notifier, image, store=store).duplicate
+    assert call(notifier, image, store=store, handler="notify_friends").duplicate
 
 
 # -- tweeter --------------------------------------------------------------------------------------

@@ -1,0 +1,221 @@
+"""Personal data in events: the ``personal`` marker and the sealed form of a personal value.
+
+``email: Annotated[str, personal("user_id")]`` makes ``email`` personal data of the subject whose
+id the event's ``user_id`` holds. The store seals such a value (AES-GCM under the subject's key,
+``store.keys``) into a token ``eb-pd1:<key id>:<nonce+ciphertext>``; once the key is forgotten
+the field reads back as its ``placeholder``. Details: ``docs/personal-data.md``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import marshmallow
+
+from eventbus.errors import EventDefinitionError, EventValidationError
+
+if TYPE_CHECKING:
+    from eventbus.events.model import Event
+
+__all__ = ["FORGOTTEN", "Personal", "personal"]
+
+PREFIX = "eb-pd1:"
+KEY_ID = re.compile(rb'"eb-pd1:([A-Za-z0-9_-]{22}):')  # key ids in raw JSON (a message body)
+_NONCE = 12
+_SEP = len(PREFIX) + 22  # where the ':' after the key id is
+
+
+@dataclass(frozen=True)
+class Personal:
+    """A field's mark as personal data: ``subject`` names the field holding the subject's id;
+    ``placeholder`` is what the field reads as once the subject is forgotten."""
+
+    subject: str
+    placeholder: Any = None
+
+
+def personal(subject: str, placeholder: Any = None) -> Personal:
+    """Mark a field (in ``Annotated[...]``) as personal data of the subject in field ``subject``."""
+    if not isinstance(subject, str) or not subject:
+        raise EventDefinitionError(f"personal(): subject must be a field name, not {subject!r}")
+    return Personal(subject, placeholder)
+
+
+class _Forgotten:
+    def __repr__(self) -> str:
+        return "FORGOTTEN"
+
+
+class _Hidden:
+    def __repr__(self) -> str:
+        return "<personal>"
+
+
+HIDDEN: Any = _Hidden()
+"""Shown for a personal value in an event's repr."""
+
+FORGOTTEN: Any = _Forgotten()
+"""Stands for a personal value whose key is gone, between unsealing and loading."""
+
+
+def collect(cls: type[Event], annotations: Mapping[str, Any]) -> dict[str, Personal]:
+    """The personal fields of ``cls`` (inherited ones too); ``EventDefinitionError`` when a
+    mark names no other field of the event, or a personal one."""
+    import typing
+
+    found: dict[str, Personal] = {}
+    for base in reversed(cls.__mro__[1:]):
+        found.update(getattr(base, "personal_fields", {}))
+    for name, annotation in annotations.items():
+        if typing.get_origin(annotation) is typing.Annotated:
+            marks = [m for m in typing.get_args(annotation)[1:] if isinstance(m, Personal)]
+            if marks:
+                found[name] = marks[0]
+            else:
+                found.pop(name, None)
+    for name, mark in found.items():
+        if mark.subject not in cls._fields or mark.subject in found:
+            what = "a personal field" if mark.subject in found else "not a field of the event"
+            raise EventDefinitionError(
+                f"{cls.__name__}.{name}: personal data of subject field {mark.subject!r}, "
+                f"which is {what}; name a (non-personal) field holding the subject's id"
+            )
+    return found
+
+
+def subject_problems(cls: type[Event], values: Mapping[str, Any]) -> dict[str, Any]:
+    """Errors for personal values whose event has no subject id to seal them for."""
+    return {
+        mark.subject: [f"Required: the subject of personal field {name!r}."]
+        for name, mark in cls.personal_fields.items()
+        if values.get(name) is not None and values.get(mark.subject) in (None, "")
+    }
+
+
+def scrub(cls: type[Event], data: Mapping[str, Any], errors: dict[str, Any]) -> dict[str, Any]:
+    """``errors`` with a personal value's text replaced by ``<personal>`` wherever a message
+    of its field echoes it (so that the error, and a log line of it, holds no plaintext)."""
+    for name in cls.personal_fields.keys() & errors.keys():
+        value = data.get(name)
+        shown = {repr(value), str(value)} - {"", "None"} if value is not None else set()
+        errors[name] = _without(errors[name], sorted(shown, key=len, reverse=True))
+    return errors
+
+
+def _without(messages: Any, shown: list[str]) -> Any:
+    if isinstance(messages, str):
+        for text in shown:
+            messages = messages.replace(text, "<personal>")
+        return messages
+    if isinstance(messages, list):
+        return [_without(m, shown) for m in messages]
+    if isinstance(messages, dict):
+        return {k: _without(m, shown) for k, m in messages.items()}
+    return messages
+
+
+def subject_of(payload: Mapping[str, Any], mark: Personal) -> str:
+    """The subject id as stored (the subject field's JSON value, as text)."""
+    return str(payload[mark.subject])
+
+
+# -- the sealed form -------------------------------------------------------------------------
+
+
+def new_key_id() -> str:
+    return base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
+
+
+def _aad(event_id: uuid.UUID, name: str) -> bytes:
+    return f"{event_id}\0{name}".encode()
+
+
+def seal(key: bytes, key_id: str, event_id: uuid.UUID, name: str, plain: bytes) -> str:
+    """The token of ``plain`` (a JSON value) for field ``name`` of event ``event_id``."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = os.urandom(_NONCE)
+    sealed = nonce + AESGCM(key).encrypt(nonce, plain, _aad(event_id, name))
+    return f"{PREFIX}{key_id}:{base64.urlsafe_b64encode(sealed).decode()}"
+
+
+def key_id_of(value: Any) -> str | None:
+    """The key id inside a token; None if ``value`` is not a token."""
+    if type(value) is str and value.startswith(PREFIX) and value[_SEP : _SEP + 1] == ":":
+        return value[len(PREFIX) : _SEP]
+    return None
+
+
+def unseal(key: bytes, token: str, event_id: uuid.UUID, name: str) -> bytes:
+    """The JSON ``seal`` sealed (``{"v": value}``); ``ValueError`` if it does not authenticate."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    try:
+        sealed = base64.urlsafe_b64decode(token[_SEP + 1 :])
+        return AESGCM(key).decrypt(sealed[:_NONCE], sealed[_NONCE:], _aad(event_id, name))
+    except (InvalidTag, ValueError):
+        raise ValueError(
+            "the sealed value does not authenticate with its key (moved, altered or corrupt)"
+        ) from None
+
+
+def key_ids(cls: type[Event] | None, payload: Any) -> set[str]:
+    """The key ids of the tokens in ``payload`` (of an event of ``cls``, which has personal
+    fields: else none are looked for)."""
+    if cls is None or not cls.personal_fields or not isinstance(payload, Mapping):
+        return set()
+    found = (key_id_of(value) for value in payload.values())
+    return {k for k in found if k is not None}
+
+
+def unseal_payload(
+    cls: type[Event], event_id: uuid.UUID, payload: Mapping[str, Any], keys: Mapping[str, bytes]
+) -> Mapping[str, Any]:
+    """``payload`` with each token replaced by its plaintext value, or by ``FORGOTTEN`` when
+    ``keys`` has no key of its id (the subject was forgotten). Every top-level field is looked
+    at, under its stored name: a personal field an upcaster renames then gets its plaintext."""
+    from eventbus.events.codec import loads
+
+    out: dict[str, Any] | None = None
+    for name, value in payload.items():
+        key_id = key_id_of(value)
+        if key_id is None:
+            continue
+        out = dict(payload) if out is None else out
+        key = keys.get(key_id)
+        if key is None:
+            out[name] = FORGOTTEN
+            continue
+        try:
+            out[name] = loads(unseal(key, out[name], event_id, name))["v"]
+        except ValueError as exc:
+            raise EventValidationError(cls._label(), {name: [str(exc)]}) from None
+    return payload if out is None else out
+
+
+def has_forgotten(payload: Any) -> bool:
+    return isinstance(payload, Mapping) and any(v is FORGOTTEN for v in payload.values())
+
+
+def load_forgetting(cls: type[Event], data: Mapping[str, Any], errors: dict[str, Any]) -> Any:
+    """Load ``data`` whose forgotten fields hold ``FORGOTTEN``: the rest validated as always,
+    the forgotten ones set to their placeholder (never validated, never an error)."""
+    gone = [name for name, value in data.items() if value is FORGOTTEN]
+    rest = {name: value for name, value in data.items() if value is not FORGOTTEN}
+    try:
+        values: dict[str, Any] = cls._schema.load(rest, partial=tuple(gone))
+    except marshmallow.ValidationError as exc:
+        messages = exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
+        errors.update(messages)
+        return {}
+    for name in gone:
+        mark = cls.personal_fields.get(name)
+        values[name] = None if mark is None else mark.placeholder
+    return values
