@@ -51,10 +51,10 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--processes",
-    default=1,
-    show_default=True,
+    default=None,
     type=click.IntRange(min=1),
-    help="Worker processes, started and restarted by this one (a supervisor).",
+    help="Worker processes, started and restarted by this one (a supervisor) [default: none, "
+    "this process handles].",
 )
 @click.option(
     "--min", "minimum", type=click.IntRange(min=1), default=None,
@@ -81,7 +81,7 @@ def run(
     prefetch: int,
     concurrency: int,
     queue_type: str | None,
-    processes: int,
+    processes: int | None,
     minimum: int | None,
     maximum: int | None,
     scale_backlog: int,
@@ -119,11 +119,11 @@ def run(
         exchange=exchange,
         queue_type=queue_type,
     )
-    if not supervised() and (processes > 1 or maximum is not None or minimum is not None):
+    if not supervised() and (processes or maximum or minimum):
         from eventbus.cli.supervise import supervise
 
         scaling = (minimum, maximum, scale_backlog, scale_interval)
-        supervise(services, config, processes, scaling, metrics_port, metrics_host)
+        supervise(services, config, processes or 1, scaling, metrics_port, metrics_host)
         return
     if not supervised():  # a supervisor's child: the supervisor serves the metrics
         serve_metrics(metrics_port, metrics_host)  # first: a taken port is exit 1 as before
