@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import kombu
 import pytest
 import sqlalchemy as sa
 
@@ -191,3 +192,24 @@ def test_a_child_gets_the_command_line_without_the_supervisor_options() -> None:
     argv = ["--log-level", "INFO", "run", "app:svc", "--processes", "3", "--max=4",
             "--metrics-port", "9100", "--prefetch", "10"]  # fmt: skip
     assert child_arguments(argv) == ["--log-level", "INFO", "run", "app:svc", "--prefetch", "10"]
+
+
+def test_a_child_exiting_3_is_not_restarted_the_supervisor_exits_3(
+    tmp_path: Path,
+    pg_url: str,
+    broker: Broker,
+    effects: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    name = f"supervised-{broker.tag}"
+    with kombu.Connection(broker.url) as conn:  # its queue, with other settings: exit 3
+        conn.channel().queue_declare(f"{name}.record", durable=True, arguments={"x-max-length": 7})
+    proc, _ = supervisor(tmp_path, pg_url, broker, effects, 0.0, monkeypatch, "--processes", "2")
+    try:
+        assert proc.wait(180) == 3, proc.stderr()
+    finally:
+        proc.kill()
+    assert proc.lines[-1].startswith("eventbus run: a worker process exited with 3"), proc.stderr()
+    assert proc.logged("supervisor.giving_up", code=3), proc.stderr()
+    assert not proc.logged("supervisor.restarting"), proc.stderr()
+    assert len(proc.logged("supervisor.child_started")) == 2
