@@ -1,7 +1,7 @@
 """Scale out: worker throughput with 1, 2 and 4 `eventbus run` processes, against raw consumers.
 
     python bench/scale.py [--events 20000] [--io-events 3000] [--io-ms 5] [--workers 1,2,4]
-                          [--db URL] [--amqp URL] [--only noop,partitioned,io]
+                          [--db URL] [--amqp URL] [--only noop,partitioned,io] [--no-supervised]
 
 ``--db`` names the PostgreSQL server (default postgresql+psycopg://postgres@127.0.0.1:5432/postgres):
 a fresh database is created beside it and dropped at the end. ``--amqp`` is the RabbitMQ (default
@@ -14,6 +14,8 @@ For each handler kind and each number K of worker processes, in one run:
   over 200 streams) are published to the exchange with windowed confirms (as the relay sends
   them); events/s = N / (the last handler return in any worker - start of the publish), once
   all N processed records are committed.
+- supervised: one ``python -m eventbus run scale:service --processes K`` (the supervisor starts
+  the K worker processes), measured as the hand-started ones; the table shows the ratio.
 - raw: K processes of a plain kombu consumer (prefetch 100, ack per message, no decoding, no
   database), doing the same per-message work as the handler; events/s = N / (last ack - start of
   the publish). Same queue type, same messages, same publisher.
@@ -94,7 +96,9 @@ if os.environ.get("BENCH_SCALE_SERVICE") and __name__ != "__main__":
         os.environ["BENCH_SCALE_KIND"],
         float(os.environ["BENCH_SCALE_IO_MS"]),
     )
-    atexit.register(_dump_last)
+    # Not in a supervisor (it loads the service too): only in the processes that handle.
+    if not os.environ.get("BENCH_SCALE_SUPERVISED") or os.environ.get("EVENTBUS_RUN_SUPERVISOR"):
+        atexit.register(_dump_last)
 
 
 def raw_consumer(url: str, queue: str, pause: float, count: Any, last: Any, ready: Any) -> None:
@@ -147,10 +151,13 @@ def consumers_of(bench: Bench, queues: list[str]) -> int:
     return min(bench.queue_info(q)[1] for q in queues)
 
 
-def run_eventbus(bench: Bench, kind: str, k: int, messages: list[Message]) -> float:
+def run_eventbus(
+    bench: Bench, kind: str, k: int, messages: list[Message], supervised: bool = False
+) -> float:
+    """K hand-started worker processes, or (``supervised``) one ``--processes K``."""
     args = bench.args
     n = len(messages)
-    name = f"bench-scale-{kind}-{k}-{bench.tag}"
+    name = f"bench-scale-{kind}-{k}{'-sup' if supervised else ''}-{bench.tag}"
     svc = scale_service(name, kind, args.io_ms)
     handler = svc.handlers["work"]
     bench.service_queues(svc)
@@ -167,11 +174,17 @@ def run_eventbus(bench: Bench, kind: str, k: int, messages: list[Message]) -> fl
         "BENCH_SCALE_SERVICE": name,
         "BENCH_SCALE_KIND": kind,
         "BENCH_SCALE_IO_MS": str(args.io_ms),
+        **({"BENCH_SCALE_SUPERVISED": "1"} if supervised else {}),
     }
     cmd = [sys.executable, "-m", "eventbus", "--log-level", "WARNING", "run", "scale:service"]
     cmd += ["--broker-url", bench.amqp, "--database-url", bench.db, "--exchange", exchange]
     cmd += ["--prefetch", "100", "--concurrency", "1"]
-    procs = [subprocess.Popen(cmd, cwd=BENCH, env=env, start_new_session=True) for _ in range(k)]
+    if supervised:
+        cmd += ["--processes", str(k)]
+    starts = 1 if supervised else k
+    procs = [
+        subprocess.Popen(cmd, cwd=BENCH, env=env, start_new_session=True) for _ in range(starts)
+    ]
     bench.procs += procs
     try:
         consumed = handler.partition_queues() or [handler.queue]
@@ -205,7 +218,8 @@ def run_eventbus(bench: Bench, kind: str, k: int, messages: list[Message]) -> fl
     if len(ends) != k:
         raise SystemExit(f"{len(ends)} of {k} workers reported their last handler call")
     rate = n / (max(ends) - start)
-    print(f"  {kind}, {k} eventbus worker process(es): {rate:,.0f}/s", flush=True)
+    how = f"--processes {k}" if supervised else f"{k} eventbus worker process(es)"
+    print(f"  {kind}, {how}: {rate:,.0f}/s", flush=True)
     return rate
 
 
@@ -256,6 +270,9 @@ def main() -> None:
     )
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672//")
     parser.add_argument("--only", default="noop,partitioned,io", help="kinds to run")
+    parser.add_argument(
+        "--no-supervised", action="store_true", help="skip the `--processes K` rows"
+    )
     args = parser.parse_args()
     ks = [int(k) for k in args.workers.split(",")]
     kinds = args.only.split(",")
@@ -274,6 +291,9 @@ def main() -> None:
                     for k in ks:
                         raw = run_raw(bench, kind, k, messages)
                         rate = run_eventbus(bench, kind, k, messages)
+                        sup = None
+                        if not args.no_supervised:
+                            sup = run_eventbus(bench, kind, k, messages, supervised=True)
                         base = base or rate
                         label = {
                             "noop": "no-op handler",
@@ -287,6 +307,8 @@ def main() -> None:
                                 f"{raw:,.0f}/s",
                                 f"{rate / raw:.0%}",
                                 f"x{rate / base:.2f}",
+                                f"{sup:,.0f}/s" if sup else "-",
+                                f"{sup / rate:.0%}" if sup else "-",
                             )
                         )
             finally:
@@ -300,6 +322,7 @@ def main() -> None:
         f"{args.events:,} events (io: {args.io_events:,}) of ~1 KB over {STREAMS} streams per row;"
     )
     print("each worker process: --concurrency 1 --prefetch 100, processed records in PostgreSQL;")
+    print("eventbus: K hand-started processes; --processes K: one supervisor starting K;")
     print(f"raw: plain kombu consumer processes, ack per message; {os.cpu_count()} CPUs shared by")
     print("everything (PostgreSQL, RabbitMQ, the publisher, the workers).")
     print()
@@ -308,6 +331,7 @@ def main() -> None:
 
 def print_scale_table(rows: list[tuple[str, ...]]) -> None:
     headers = ("handler, worker processes", "eventbus", "raw", "vs raw", "vs 1 process")
+    headers += ("--processes K", "vs hand-started")
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")

@@ -49,6 +49,29 @@ if TYPE_CHECKING:
     type=click.Choice(["classic", "quorum"]),
     help="Queue type [env: EVENTBUS_QUEUE_TYPE; default: classic].",
 )
+@click.option(
+    "--processes",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Worker processes, started and restarted by this one (a supervisor) [default: none, "
+    "this process handles].",
+)
+@click.option(
+    "--min", "minimum", type=click.IntRange(min=1), default=None,
+    help="Scale on the queues' depth, down to this many processes [default: 1 with --max].",
+)  # fmt: skip
+@click.option(
+    "--max", "maximum", type=click.IntRange(min=1), default=None,
+    help="Scale on the queues' depth, up to this many processes.",
+)  # fmt: skip
+@click.option(
+    "--scale-backlog", default=1000, show_default=True, type=click.IntRange(min=0),
+    help="Ready messages per process above which one more starts (with --max).",
+)  # fmt: skip
+@click.option(
+    "--scale-interval", default=5.0, show_default=True, type=click.FloatRange(min=0.1),
+    help="Seconds between queue-depth checks (with --max).",
+)  # fmt: skip
 @metrics_options
 def run(
     targets: tuple[str, ...],
@@ -58,6 +81,11 @@ def run(
     prefetch: int,
     concurrency: int,
     queue_type: str | None,
+    processes: int | None,
+    minimum: int | None,
+    maximum: int | None,
+    scale_backlog: int,
+    scale_interval: float,
     metrics_port: int | None,
     metrics_host: str,
 ) -> None:
@@ -69,9 +97,14 @@ def run(
     this process also runs a relay of its own, since memory:// cannot carry messages between
     processes. SIGUSR1 pauses every handler of the process (its queues are not consumed;
     in-flight messages finish), SIGUSR2 resumes them.
+
+    --processes N runs N such processes under this one, which replaces a crashed one, forwards
+    the signals, serves one metrics endpoint for all and, with --max, scales between --min and
+    --max on the queues' depth (RabbitMQ only; see docs/operations.md).
     """
     from eventbus.cli import load_service
     from eventbus.run.relay import Relay
+    from eventbus.run.supervisor import supervised
     from eventbus.run.worker import Worker
 
     services = [load_service(target) for target in targets]
@@ -86,7 +119,14 @@ def run(
         exchange=exchange,
         queue_type=queue_type,
     )
-    serve_metrics(metrics_port, metrics_host)  # first: a taken port is exit 1 as before
+    if not supervised() and (processes or maximum or minimum):
+        from eventbus.cli.supervise import supervise
+
+        scaling = (minimum, maximum, scale_backlog, scale_interval)
+        supervise(services, config, processes or 1, scaling, metrics_port, metrics_host)
+        return
+    if not supervised():  # a supervisor's child: the supervisor serves the metrics
+        serve_metrics(metrics_port, metrics_host)  # first: a taken port is exit 1 as before
     store = open_checked_store("run", config.broker_url, config.database_url)
     workers = [
         Worker(
@@ -122,7 +162,7 @@ def run(
         )
         relaying.start()
     try:
-        if len(workers) == 1:
+        if len(workers) == 1 and not supervised():
             workers[0].run()
         else:
             run_together(workers)
@@ -140,6 +180,8 @@ def run(
 def run_together(workers: list[Worker]) -> None:
     """Run each worker in a thread of its own until SIGTERM/SIGINT, or until one of them ends
     (it gave up: the others stop too, and its error is raised once all have stopped)."""
+    from eventbus.run.supervisor import ready_for_signals
+
     ended = threading.Event()
     failed: list[BaseException] = []
 
@@ -164,6 +206,7 @@ def run_together(workers: list[Worker]) -> None:
             signal.signal(sig, on_stop)
         for sig in (signal.SIGUSR1, signal.SIGUSR2):
             signal.signal(sig, on_pause)
+        ready_for_signals()  # a supervisor's child takes them from now on
     threads = [
         threading.Thread(
             target=run_one, args=(worker,), name=f"eventbus-worker-{worker.service.name}"

@@ -10,6 +10,9 @@ Details: ``docs/operations.md``.
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -63,12 +66,19 @@ LAG = Gauge(
     "eventbus_subscriber_lag_events",
     "Store head minus the last position the subscriber processed (refreshed every 5 s).",
     _HANDLER,
+    multiprocess_mode="livemax",
 )
 PAUSED = Gauge(
-    "eventbus_handler_paused", "1 while this process does not consume the queue.", _HANDLER
+    "eventbus_handler_paused",
+    "1 while this process does not consume the queue.",
+    _HANDLER,
+    multiprocess_mode="livemax",
 )
 IN_FLIGHT = Gauge(
-    "eventbus_messages_in_flight", "Messages received and not yet settled.", ("service",)
+    "eventbus_messages_in_flight",
+    "Messages received and not yet settled.",
+    ("service",),
+    multiprocess_mode="livesum",
 )
 RELAY_PUBLISHED = Counter(
     "eventbus_relay_published",
@@ -90,6 +100,7 @@ RELAY_LAG = Gauge(
     "eventbus_relay_lag_events",
     "Store head minus the relay's checkpoint (refreshed every 5 s).",
     ("relay",),
+    multiprocess_mode="livemax",
 )
 RELAY_UNROUTABLE = Counter(
     "eventbus_relay_unroutable", "Confirmed events no queue was bound for.", ("relay",)
@@ -108,9 +119,11 @@ RELAY_ACTIVE = Gauge(
     "eventbus_relay_active",
     "1 while this process's relay holds the lock and publishes, 0 while it stands by.",
     ("relay",),
+    multiprocess_mode="livemax",
 )
 
 REFRESH_INTERVAL = 5.0  # seconds between lag refreshes
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set (before the import) in a supervisor's children
 
 
 class HandlerMetrics:
@@ -238,7 +251,18 @@ def track_in_flight(service: str, source: _InFlight) -> None:
         current = ref()
         return float(current.in_flight) if current is not None else 0.0
 
-    IN_FLIGHT.labels(service=service).set_function(read)
+    if not os.environ.get(MULTIPROC_ENV):
+        IN_FLIGHT.labels(service=service).set_function(read)
+        return
+    # Multiprocess mode keeps values in files, not functions: copy the value there every second.
+    gauge = IN_FLIGHT.labels(service=service)
+
+    def refresh() -> None:
+        while ref() is not None:
+            gauge.set(read())
+            time.sleep(1.0)
+
+    threading.Thread(target=refresh, name="eventbus-metrics-in-flight", daemon=True).start()
 
 
 def subscriber_lag(conn: Connection, queues: Iterable[str]) -> dict[str, int]:
@@ -268,3 +292,21 @@ def serve_metrics(port: int, host: str = "0.0.0.0") -> MetricsServer:
     """
     server, _thread = start_http_server(port, addr=host)
     return MetricsServer(host, int(server.server_address[1]), server)
+
+
+def serve_multiprocess(path: str, port: int, host: str = "0.0.0.0") -> MetricsServer:
+    """Serve the metrics the processes sharing ``path`` (their ``PROMETHEUS_MULTIPROC_DIR``)
+    wrote, summed (counters) or per the gauge's mode, as ``serve_metrics`` does."""
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(host, int(server.server_address[1]), server)
+
+
+def mark_process_dead(path: str, pid: int) -> None:
+    """Drop a dead process's live gauges from ``path`` (its counters keep counting)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
