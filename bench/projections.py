@@ -189,10 +189,25 @@ def run(args: argparse.Namespace, store: EventStore, rows: dict[str, Callable[[]
     print(f"|{'-' * 46}|{'-' * 11}|{'-' * 14}|{'-' * 16}|")
     table = [
         ("(a) raw per-event statements, one transaction", "a", "", ""),
-        ("(b) eventbus replay, per-event projection", "b", f"{med['b'] / med['a']:.0%} of (a)", ">= 80% of (a)"),
-        ("(c) eventbus replay, handles_batch projection", "c", f"{med['c'] / med['a']:.1f}x (a)", ">= 20,000/s"),
-        ("(d) raw set-based statements, one transaction", "d", f"{med['c'] / med['d']:.0%} (c)/(d)", ""),
-    ]  # fmt: skip  # noqa: E501
+        (
+            "(b) eventbus replay, per-event projection",
+            "b",
+            f"{med['b'] / med['a']:.0%} of (a)",
+            ">= 80% of (a)",
+        ),
+        (
+            "(c) eventbus replay, handles_batch projection",
+            "c",
+            f"{med['c'] / med['a']:.1f}x (a)",
+            ">= 20,000/s",
+        ),
+        (
+            "(d) raw set-based statements, one transaction",
+            "d",
+            f"{med['c'] / med['d']:.0%} (c)/(d)",
+            "",
+        ),
+    ]
     for label, key, ratio, target in table:
         print(f"| {label:<44} | {med[key]:>9,.0f} | {ratio:>12} | {target:>14} |")
 

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from eventbus.errors import HandlerDefinitionError
 from eventbus.events.model import Event
 from eventbus.events.topics import check_pattern, topic_matches
-from eventbus.subscribe.calling import resolved, wants_context
+from eventbus.subscribe.calling import resolved as resolved  # re-exported
+from eventbus.subscribe.calling import wants_context as wants_context
 from eventbus.subscribe.delivery import check_delivery
 
 if TYPE_CHECKING:
@@ -317,8 +318,7 @@ class Projection(Service):
     ) -> None:
         super().__init__(name, max_attempts=max_attempts, retry_delay=retry_delay, catch_up=True)
         self.tables = tuple(tables)
-        # (event class or pattern, function, wants a context, takes a list of events)
-        self._routes: list[tuple[type[Event] | str, HandlerFunction, bool, bool]] = []
+        self._routes: list[tuple[type[Event] | str, HandlerFunction, bool, bool]] = []  # batch?
         self._batch_routes: dict[tuple[type[Event], str], HandlerFunction | None] = {}
         self._reset: Callable[[Connection], None] | None = None
 
