@@ -27,6 +27,7 @@ from sqlalchemy.engine import Connection
 from eventbus.errors import ReplayStopped
 from eventbus.events.model import Event
 from eventbus.store.store import EventStore, Undecodable
+from eventbus.subscribe.batches import batch_run, invoke_batch
 from eventbus.subscribe.chunks import Item, chunks
 from eventbus.subscribe.exactly_once import (
     describe,
@@ -326,7 +327,17 @@ class Feed:
             new_ids = self._fresh(db, decoded)
             fresh = [e for e in items if isinstance(e, Undecodable) or e.event_id in new_ids]
         report.skipped += len(items) - len(fresh)
-        for index, item in enumerate(fresh):
+        index, one_by_one = 0, 0  # events before ``one_by_one`` go one per call
+        while index < len(fresh):
+            item = fresh[index]
+            run = batch_run(handler, fresh, index) if index >= one_by_one else []
+            if run:  # a projection's handles_batch function: one call for the run
+                if self._run_batch(db, run) is None:
+                    report.applied += len(run)
+                    index += len(run)
+                    continue
+                one_by_one = index + len(run)  # failed: rolled back; find the one at fault
+            index += 1
             if isinstance(item, Undecodable):
                 # A stored event this code cannot decode fails like a handler exception.
                 error: BaseException | None = item.error
@@ -336,7 +347,7 @@ class Feed:
                 report.applied += 1
                 continue
             if not handler.ordered:
-                self._forget(db, [e for e in fresh[index:] if isinstance(e, Event)])
+                self._forget(db, [e for e in fresh[index - 1 :] if isinstance(e, Event)])
             outcome = self._give_up_or_retry(db, item, error)
             if outcome is None:
                 continue  # recorded (or, in a dry run, counted): go on
@@ -411,6 +422,18 @@ class Feed:
             caught_up = caught_up or found[1]
         save_checkpoint(db, self.queue, position, caught_up)
         return position
+
+    def _run_batch(self, db: Connection, events: list[Event]) -> BaseException | None:
+        """Run a projection's batch function on ``events``; rolled back if it failed."""
+        return invoke_batch(
+            self.handler,
+            events,
+            db,
+            store=self.store,
+            log=self.log,
+            replaying=self.mode != "live",
+            dry_run=self.dry_run,
+        )
 
     def _run(self, db: Connection, event: Event) -> BaseException | None:
         """Run the handler on one event; a failed event's database effects are rolled back."""

@@ -267,6 +267,13 @@ class _DryRun(_Replay):
             self._rows = before  # what it wrote was rolled back: not "would write"
         return error
 
+    def _run_batch(self, db: Connection, events: list[Event]) -> BaseException | None:
+        before = collections.Counter(self._rows)
+        error = super()._run_batch(db, events)
+        if error is not None:
+            self._rows = before
+        return error
+
 
 _WRITE = re.compile(
     r"\s*(INSERT\s+(?:OR\s+\w+\s+)?INTO|UPDATE|DELETE\s+FROM)\s+(\"?[\w.]+\"?)", re.IGNORECASE

@@ -9,10 +9,7 @@ Details: docs/replay.md, docs/partitions.md
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import re
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -20,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from eventbus.errors import HandlerDefinitionError
 from eventbus.events.model import Event
 from eventbus.events.topics import check_pattern, topic_matches
+from eventbus.subscribe.calling import resolved as resolved  # re-exported
+from eventbus.subscribe.calling import wants_context as wants_context
 from eventbus.subscribe.delivery import check_delivery
 
 if TYPE_CHECKING:
@@ -177,25 +176,6 @@ class Handler:
         return resolved(self.function(event, ctx) if self.wants_context else self.function(event))
 
 
-def resolved(result: Any) -> Any:
-    """``result``; an awaitable (what an ``async def`` function returns) run to completion on
-    this thread's event loop first."""
-    if inspect.isawaitable(result):
-        return _event_loop().run_until_complete(result)
-    return result
-
-
-_loops = threading.local()
-
-
-def _event_loop() -> asyncio.AbstractEventLoop:
-    """This thread's event loop for async handlers (a worker's handler threads keep theirs)."""
-    loop: asyncio.AbstractEventLoop | None = getattr(_loops, "loop", None)
-    if loop is None or loop.is_closed():
-        loop = _loops.loop = asyncio.new_event_loop()
-    return loop
-
-
 class Service:
     """A named group of handlers, run together by ``eventbus run MODULE[:SERVICE]``.
 
@@ -338,7 +318,8 @@ class Projection(Service):
     ) -> None:
         super().__init__(name, max_attempts=max_attempts, retry_delay=retry_delay, catch_up=True)
         self.tables = tuple(tables)
-        self._routes: list[tuple[type[Event] | str, HandlerFunction, bool]] = []
+        self._routes: list[tuple[type[Event] | str, HandlerFunction, bool, bool]] = []  # batch?
+        self._batch_routes: dict[tuple[type[Event], str], HandlerFunction | None] = {}
         self._reset: Callable[[Connection], None] | None = None
 
     def __repr__(self) -> str:
@@ -375,11 +356,25 @@ class Projection(Service):
                 f"projection {self.name}: name, max_attempts and retry_delay are set on the "
                 "Projection itself (one queue, one retry policy)"
             )
+        return self._register(subscriptions, batch=False)
+
+    def handles_batch(
+        self, *subscriptions: type[Event] | str
+    ) -> Callable[[HandlerFunction], HandlerFunction]:
+        """Apply the decorated ``function(events, ctx)`` to lists of consecutive events it takes,
+        in position order, in the transaction that moves the checkpoint past them. If it raises,
+        its writes are rolled back and the events given to it one per call: the failing one
+        follows the projection's failure rules, the others apply once (docs/replay.md)."""
+        return self._register(subscriptions, batch=True)
+
+    def _register(
+        self, subscriptions: Sequence[type[Event] | str], *, batch: bool
+    ) -> Callable[[HandlerFunction], HandlerFunction]:
         _bindings(self.name, subscriptions)
 
         def register(function: HandlerFunction) -> HandlerFunction:
             wants = _wants_context(self.name, function.__name__, function)
-            taken = {item: fn for item, fn, _ in self._routes}
+            taken = {route[0]: route[1] for route in self._routes}
             for item in subscriptions:
                 if item in taken:
                     label = item.__name__ if isinstance(item, type) else repr(item)
@@ -387,7 +382,8 @@ class Projection(Service):
                         f"projection {self.name}: {label} is already handled by "
                         f"{taken[item].__name__}; one function per subscription"
                     )
-            self._routes.extend((item, function, wants) for item in subscriptions)
+            self._routes.extend((item, function, wants, batch) for item in subscriptions)
+            self._batch_routes.clear()
             self._rebuild()
             return function
 
@@ -412,7 +408,7 @@ class Projection(Service):
             connection.execute(table.delete())
 
     def _rebuild(self) -> None:
-        patterns, classes = _bindings(self.name, [item for item, _, _ in self._routes])
+        patterns, classes = _bindings(self.name, [route[0] for route in self._routes])
         self.handlers = {
             self.queue_handler: Handler(
                 service=self.name,
@@ -429,15 +425,37 @@ class Projection(Service):
             )
         }
 
-    def _dispatch(self, event: Event, ctx: Context) -> Any:
-        for item, function, wants in self._routes:
+    def batch_function(self, event: Event) -> HandlerFunction | None:
+        """The ``handles_batch`` function ``event`` goes to; None when a per-event one takes it."""
+        key = (type(event), event.routing_key)
+        if key not in self._batch_routes:
+            route = self._route(event)
+            self._batch_routes[key] = route[1] if route is not None and route[3] else None
+        return self._batch_routes[key]
+
+    def apply_batch(self, function: HandlerFunction, events: list[Event], ctx: Context) -> Any:
+        """Call a ``handles_batch`` function on ``events`` (async ones run to completion)."""
+        wants = next(route[2] for route in self._routes if route[1] is function)
+        return resolved(function(events, ctx) if wants else function(events))
+
+    def _route(self, event: Event) -> tuple[type[Event] | str, HandlerFunction, bool, bool] | None:
+        for route in self._routes:
+            item = route[0]
             if isinstance(item, type):
                 hit = isinstance(event, item)
             else:
                 hit = topic_matches(item, event.routing_key)
             if hit:
-                return function(event, ctx) if wants else function(event)
+                return route
         return None
+
+    def _dispatch(self, event: Event, ctx: Context) -> Any:
+        route = self._route(event)
+        if route is None:
+            return None
+        _, function, wants, batch = route
+        argument = [event] if batch else event
+        return function(argument, ctx) if wants else function(argument)
 
 
 def _bindings(
@@ -480,18 +498,3 @@ def _wants_context(service: str, name: str, function: HandlerFunction) -> bool:
         function,
         f"handler {service}.{name} must take the event (and optionally a Context) as arguments",
     )
-
-
-def wants_context(function: Callable[..., Any], refusal: str) -> bool:
-    """Whether ``function`` takes a second positional argument (the context) after the message;
-    ``HandlerDefinitionError(refusal)`` if it takes no positional argument at all."""
-    try:
-        params = list(inspect.signature(function).parameters.values())
-    except (TypeError, ValueError):
-        return False
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if any(p.kind == p.VAR_POSITIONAL for p in params) or len(positional) >= 2:
-        return True
-    if len(positional) == 1:
-        return False
-    raise HandlerDefinitionError(refusal)
