@@ -23,7 +23,7 @@ from eventbus.store.tables import failures
 from eventbus.subscribe.subscriptions import Context
 from tests.conftest import Broker, wait_for
 from tests.events_fixtures import ImageUploaded, UserLoggedIn
-from tests.test_replay import checkpoint_of, fill, positioned, record, rows
+from tests.replay_helpers import checkpoint_of, fill, positioned, record, rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
