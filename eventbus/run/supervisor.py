@@ -94,14 +94,17 @@ class Supervisor:
         next_check = time.monotonic() + (self.scaling.interval if self.scaling else 0)
         try:
             for _ in range(self.processes):
-                self._start()
+                self._start()  # none once stopping
             while self._children or not (self._stopping or self._killed):
                 self._reap()
                 now = time.monotonic()
                 if not self._stopping:
-                    due = [t for t in self._restarts if t <= now]
+                    due = [t for t in list(self._restarts) if t <= now]
                     for t in due:
-                        self._restarts.remove(t)
+                        if self._stopping:  # a signal meanwhile (it cleared the restarts)
+                            break
+                        with contextlib.suppress(ValueError):
+                            self._restarts.remove(t)
                         self._start()
                     if self.scaling is not None and now >= next_check:
                         next_check = now + self.scaling.interval
@@ -119,13 +122,19 @@ class Supervisor:
 
     def _start(self) -> None:
         # The forwarded signals stay blocked in the child until its handlers are installed
-        # (``ready_for_signals``): one sent while it starts waits instead of killing it.
+        # (``ready_for_signals``): one sent while it starts waits instead of killing it. They are
+        # blocked here too, and the child joins ``_children`` before they are unblocked: a stop
+        # that arrives meanwhile signals it as well.
+        if self._stopping or self._killed:
+            return
         old = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
         try:
+            if self._stopping or self._killed:
+                return
             proc = subprocess.Popen(list(self.command), env=self.env)
+            self._children.append(_Child(proc, time.monotonic()))
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        self._children.append(_Child(proc, time.monotonic()))
         if self._paused:
             proc.send_signal(signal.SIGUSR1)
         self._log.info("supervisor.child_started", pid=proc.pid, processes=len(self._children))
