@@ -135,7 +135,11 @@ class Listener:
             answer = self.answer(command)
         except Exception as exc:  # a bad command or a bug: answered, never fatal
             self._log.warning("control.bad_command", error=redact(f"{type(exc).__name__}: {exc}"))
-            answer = {"did": [f"error: {type(exc).__name__}: {exc}"]}
+            answer = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "did": [f"error: {type(exc).__name__}: {exc}"],
+            }
         self._log.info("control.command", command=command_name(message.body), did=answer.get("did"))
         if not reply_to:
             return

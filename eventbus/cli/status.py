@@ -179,14 +179,20 @@ def ping(
     --wait 0) or the broker cannot be reached."""
     if wait <= 0 or broker_url.startswith("memory://"):
         return None
-    from eventbus.ops.orders import send
+    from eventbus.ops.orders import dropped, send
 
     sent = send(broker_url, exchange, {"command": "ping", "queues": []}, wait=wait, timeout=timeout)
+    for warning in dropped(sent):
+        click.echo(f"eventbus status: {warning}", err=True)
     return sent.answers if sent.sent else None
 
 
 def render_processes(processes: list[dict[str, Any]], wait: float) -> str:
-    """The PROCESSES section: one line per process that answered the ping."""
+    """The PROCESSES section: one line per process that answered the ping (answers of another
+    shape than an eventbus process's are left out)."""
+    from eventbus.ops.orders import well_formed
+
+    processes = [p for p in processes if well_formed(p)]
     lines = ["", f"PROCESSES (answered a ping within {wait:g}s: {len(processes)})"]
     for p in processes:
         role, name = p.get("role", "?"), p.get("name", "?")

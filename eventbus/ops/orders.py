@@ -19,6 +19,34 @@ MEMORY_NOTE = (
 )
 
 
+# The fields an answer may carry, with their types (``pid`` and ``host`` required): an answer
+# of another shape (another program, a hostile client) is dropped and counted.
+_TEXT_LISTS = ("queues", "did", "paused", "steps")
+_TEXTS = ("host", "role", "name")
+
+
+def well_formed(answer: Any) -> bool:
+    """Whether ``answer`` has an eventbus process's shape: pid int, host/role/name str,
+    queues/did/paused/steps lists of str, detours a str -> str dict, active bool."""
+    if not isinstance(answer, dict):
+        return False
+    pid = answer.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or "host" not in answer:
+        return False
+    if any(k in answer and not isinstance(answer[k], str) for k in _TEXTS):
+        return False
+    for key in _TEXT_LISTS:
+        found = answer.get(key, [])
+        if not isinstance(found, list) or not all(isinstance(x, str) for x in found):
+            return False
+    detours = answer.get("detours", {})
+    if not isinstance(detours, dict):
+        return False
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in detours.items()):
+        return False
+    return isinstance(answer.get("active", False), bool)
+
+
 @dataclass
 class Sent:
     """What came of a broadcast: the answers, or why it could not be sent."""
@@ -26,6 +54,7 @@ class Sent:
     answers: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None  # could not be sent (broker unreachable)
     skipped: str | None = None  # not sent on purpose (memory://)
+    dropped: int = 0  # answers of another shape than an eventbus process's: ignored
 
     @property
     def sent(self) -> bool:
@@ -44,10 +73,9 @@ def send(
     except Exception as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return Sent(error=redact(f"{type(exc).__name__}: {text}"))
-    answers.sort(
-        key=lambda a: (str(a.get("role")), str(a.get("name")), str(a.get("host")), _pid(a))
-    )
-    return Sent(answers=answers)
+    kept = [a for a in answers if well_formed(a)]
+    kept.sort(key=lambda a: (str(a.get("role")), str(a.get("name")), str(a.get("host")), _pid(a)))
+    return Sent(answers=kept, dropped=len(answers) - len(kept))
 
 
 def who(answer: dict[str, Any]) -> str:
@@ -77,11 +105,23 @@ def report(sent: Sent, wait: float, broker_url: str) -> tuple[list[str], list[st
         return ["command sent (not waiting for answers: --wait 0)"], []
     count = len(sent.answers)
     head = f"{count} process{'es' if count != 1 else ''} answered within {wait:g}s"
-    return [head + (":" if count else "")] + [f"  {line(a)}" for a in sent.answers], []
+    return [head + (":" if count else "")] + [f"  {line(a)}" for a in sent.answers], dropped(sent)
+
+
+def dropped(sent: Sent) -> list[str]:
+    """The stderr line about answers ignored for their shape (none: no line)."""
+    if not sent.dropped:
+        return []
+    return [f"warning: ignored {sent.dropped} answer(s) not shaped like an eventbus process's"]
 
 
 def as_json(sent: Sent) -> dict[str, Any]:
-    return {"sent": sent.sent, "error": sent.error or sent.skipped, "answers": sent.answers}
+    return {
+        "sent": sent.sent,
+        "error": sent.error or sent.skipped,
+        "answers": sent.answers,
+        "dropped": sent.dropped,
+    }
 
 
 def _pid(answer: dict[str, Any]) -> int:

@@ -1,0 +1,72 @@
+"""Control-bus answers and commands checked for their shape (pure unit tests, no broker)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from eventbus.cli.status import render_processes
+from eventbus.ops.orders import Sent, report, well_formed
+
+GOOD: dict[str, Any] = {
+    "pid": 12,
+    "host": "h1",
+    "role": "worker",
+    "name": "svc",
+    "queues": ["q1"],
+    "did": ["paused q1"],
+    "paused": ["q1"],
+    "detours": {"q1": "delay"},
+    "steps": ["delay"],
+}
+
+
+def test_a_well_formed_answer_passes() -> None:
+    assert well_formed(GOOD)
+    assert well_formed({"pid": 1, "host": "h", "role": "relay", "active": True, "did": []})
+    assert well_formed({"pid": 1, "host": "h", "did": ["error: ValueError: bad"]})
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"paused": [1]},
+        {"paused": "q1"},
+        {"detours": ["x"]},
+        {"detours": {"q1": 3}},
+        {"detours": {"q1": None}},
+        {"queues": None},
+        {"queues": [["q"]]},
+        {"did": "done"},
+        {"steps": [None]},
+        {"pid": "12"},
+        {"pid": True},
+        {"pid": None},
+        {"host": 5},
+        {"role": ["worker"]},
+        {"name": {}},
+        {"active": "yes"},
+    ],
+)
+def test_hostile_shapes_are_refused(change: dict[str, Any]) -> None:
+    assert not well_formed({**GOOD, **change})
+
+
+@pytest.mark.parametrize("answer", [[], "x", None, 3, {}, {"pid": 1}, {"host": "h"}])
+def test_non_answers_are_refused(answer: Any) -> None:
+    assert not well_formed(answer)
+
+
+def test_status_renders_the_valid_answers_of_a_mix() -> None:
+    mix = [GOOD, {**GOOD, "pid": 13, "paused": [1]}, {**GOOD, "pid": 14, "detours": ["x"]}]
+    text = render_processes(mix, 1.0)
+    assert "answered a ping within 1s: 1)" in text
+    assert "pid 12 on h1" in text and "paused q1" in text and "detour q1 through delay" in text
+    assert "pid 13" not in text and "pid 14" not in text
+
+
+def test_the_report_counts_dropped_answers() -> None:
+    out, err = report(Sent(answers=[GOOD], dropped=2), 1.0, "amqp://localhost//")
+    assert out[0] == "1 process answered within 1s:"
+    assert err == ["warning: ignored 2 answer(s) not shaped like an eventbus process's"]
