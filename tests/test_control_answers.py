@@ -8,6 +8,7 @@ import pytest
 
 from eventbus.cli.status import render_processes
 from eventbus.ops.orders import Sent, report, well_formed
+from eventbus.run.control import MAX_TARGETS, command_queues
 
 GOOD: dict[str, Any] = {
     "pid": 12,
@@ -70,3 +71,20 @@ def test_the_report_counts_dropped_answers() -> None:
     out, err = report(Sent(answers=[GOOD], dropped=2), 1.0, "amqp://localhost//")
     assert out[0] == "1 process answered within 1s:"
     assert err == ["warning: ignored 2 answer(s) not shaped like an eventbus process's"]
+
+
+def test_a_command_names_a_list_of_queues_without_duplicates() -> None:
+    assert command_queues({"command": "ping"}) == []
+    assert command_queues({"command": "pause", "queues": []}) == []
+    assert command_queues({"command": "pause", "queues": ["b", "a", "b", "a"]}) == ["b", "a"]
+    many = [f"q{i % MAX_TARGETS}" for i in range(3 * MAX_TARGETS)]  # duplicates do not count
+    assert len(command_queues({"command": "pause", "queues": many})) == MAX_TARGETS
+
+
+@pytest.mark.parametrize(
+    "queues",
+    ["abc", {"q": 1}, 5, ["q", 1], [["q"]], [f"q{i}" for i in range(MAX_TARGETS + 1)]],
+)
+def test_a_crafted_command_is_refused(queues: Any) -> None:
+    with pytest.raises(ValueError, match="bad command"):
+        command_queues({"command": "pause", "queues": queues})

@@ -17,7 +17,22 @@ from eventbus.ops import detours as detour_steps
 from eventbus.subscribe.subscriptions import Handler
 
 _GONE: Any = object()  # an override that says: no row (resumed, detour off)
-_APPLY_WAIT = 1.5  # seconds an answer waits for the connection's thread to apply a pause
+_APPLY_WAIT = 1.5  # seconds an answer waits for the connection's thread to apply its pauses
+MAX_TARGETS = 1000  # queues one command may name
+
+
+def command_queues(command: dict[str, Any]) -> list[str]:
+    """The queues ``command`` names, without duplicates (first seen first); ValueError when
+    ``queues`` is not a list of strings or names more than ``MAX_TARGETS``."""
+    queues = command.get("queues")
+    if queues is None:
+        return []
+    if not isinstance(queues, list) or not all(isinstance(q, str) for q in queues):
+        raise ValueError("bad command: queues must be a list of queue names")
+    unique = list(dict.fromkeys(queues))
+    if len(unique) > MAX_TARGETS:
+        raise ValueError(f"bad command: more than {MAX_TARGETS} queues")
+    return unique
 
 
 class Live:
@@ -97,13 +112,15 @@ class WorkerControl:
         mine = self._mine()
         answer = identity("worker", self.service.name, list(mine))
         verb = command["command"]
-        asked = [str(q) for q in command.get("queues") or []]
-        targets = [q for q in asked if q in mine]
+        targets = [q for q in command_queues(command) if q in mine]
+        step = command.get("step")
+        if step is not None and not isinstance(step, str):
+            raise ValueError("bad command: step must be a step's name")
         did: list[str] = []
         if verb in ("pause", "resume"):
-            did = [self._pause(q, verb == "pause", command.get("reason")) for q in targets]
+            did = self._pause(targets, verb == "pause", command.get("reason"))
         elif verb == "detour":
-            did = [self._detour(mine[q], command.get("step")) for q in targets]
+            did = [self._detour(mine[q], step) for q in targets]
         if verb != "ping" and not targets:
             did = ["not mine"]
         answer["did"] = did
@@ -112,23 +129,39 @@ class WorkerControl:
         answer["steps"] = sorted(detour_steps.steps())
         return answer
 
-    def _pause(self, queue: str, pause: bool, reason: Any) -> str:
-        was = queue in self._db_pauses
-        self._live_pauses.override(queue, (str(reason) if reason else None) if pause else _GONE)
+    def _pause(self, queues: list[str], pause: bool, reason: Any) -> list[str]:
+        """Pause (resume) ``queues``, wait (once, for all) until the connection's thread applied
+        it, and say what came of each."""
+        was = {q: q in self._db_pauses for q in queues}
+        for queue in queues:
+            self._live_pauses.override(queue, (str(reason) if reason else None) if pause else _GONE)
         deadline = time.monotonic() + _APPLY_WAIT
+        pending = set(queues)
+        done: dict[str, str] = {}
         verb = "paused" if pause else "resumed"
-        while (queue in self._paused) != pause and time.monotonic() < deadline:
-            if not pause and self._signal_paused:
-                return f"{queue} stays paused (SIGUSR1)"
-            if (queue in self._db_pauses) != pause:  # a newer read of the row: it wins
-                return f"{queue} not {verb}: the database row says otherwise"
-            time.sleep(0.01)
-        applied = (queue in self._paused) == pause
-        if applied and was == pause:  # by an earlier command, or a read of the row meanwhile
-            return f"{verb} {queue} (already)"
-        if applied:
-            return f"{verb} {queue}"
-        return f"{verb} {queue} (takes effect once connected)"
+        while pending and time.monotonic() < deadline:
+            for queue in list(pending):
+                if (queue in self._paused) == pause:
+                    pending.discard(queue)
+                elif not pause and self._signal_paused:
+                    done[queue] = f"{queue} stays paused (SIGUSR1)"
+                    pending.discard(queue)
+                elif (queue in self._db_pauses) != pause:  # a newer read of the row: it wins
+                    done[queue] = f"{queue} not {verb}: the database row says otherwise"
+                    pending.discard(queue)
+            if pending:
+                time.sleep(0.01)
+        for queue in queues:
+            if queue in done:
+                continue
+            applied = (queue in self._paused) == pause
+            if applied and was[queue] == pause:  # by an earlier command, or a read meanwhile
+                done[queue] = f"{verb} {queue} (already)"
+            elif applied:
+                done[queue] = f"{verb} {queue}"
+            else:
+                done[queue] = f"{verb} {queue} (takes effect once connected)"
+        return [done[q] for q in queues]
 
     def _detour(self, handler: Handler, step: Any) -> str:
         queue = handler.queue
