@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from eventbus.bus.control import reply_allowed
 from eventbus.cli.status import render_processes
 from eventbus.ops.orders import Sent, report, well_formed
 from eventbus.run.control import MAX_TARGETS, command_queues
@@ -88,3 +89,24 @@ def test_a_command_names_a_list_of_queues_without_duplicates() -> None:
 def test_a_crafted_command_is_refused(queues: Any) -> None:
     with pytest.raises(ValueError, match="bad command"):
         command_queues({"command": "pause", "queues": queues})
+
+
+@pytest.mark.parametrize(
+    ("reply_to", "allowed"),
+    [
+        ("app.control.reply.0123abcd", True),
+        ("app.control.reply.", False),
+        ("app.control", False),
+        ("app.control.replyx", False),
+        ("orders", False),  # any other queue: never
+        ("amq.gen-abc", False),
+        ("other.control.reply.0123", False),  # another application's
+        ("app.control.reply." + "x" * 300, False),
+        (None, False),
+        (["app.control.reply.1"], False),
+    ],
+)
+def test_answers_go_only_to_a_reply_queue_of_the_control_exchange(
+    reply_to: Any, allowed: bool
+) -> None:
+    assert reply_allowed(reply_to, "app") is allowed

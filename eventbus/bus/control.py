@@ -35,6 +35,23 @@ def control_exchange(exchange: str) -> str:
     return exchange + SUFFIX
 
 
+def reply_prefix(exchange: str) -> str:
+    """How the queues that collect answers are named: ``<exchange>.control.reply.``."""
+    return control_exchange(exchange) + ".reply."
+
+
+def reply_allowed(reply_to: Any, exchange: str) -> bool:
+    """Whether a process answers to ``reply_to``: only a reply queue of ``exchange``'s control
+    exchange (``broadcast`` names them so), never any other queue a client names."""
+    prefix = reply_prefix(exchange)
+    return (
+        isinstance(reply_to, str)
+        and len(reply_to) <= 255
+        and reply_to.startswith(prefix)
+        and len(reply_to) > len(prefix)
+    )
+
+
 def _exchange(channel: Any, exchange: str) -> kombu.Exchange:
     # Transient: it goes with the last listener's queue (nothing to clean up), and a command
     # sent while no process listens has no one to reach anyway.
@@ -143,6 +160,9 @@ class Listener:
         self._log.info("control.command", command=command_name(message.body), did=answer.get("did"))
         if not reply_to:
             return
+        if not reply_allowed(reply_to, self.exchange):
+            self._log.warning("control.reply_refused", reply_to=redact(str(reply_to))[:120])
+            return
         producer.publish(
             json.dumps(answer),
             exchange="",
@@ -175,7 +195,7 @@ def broadcast(
         channel = conn.channel()
         ex = _exchange(channel, exchange)
         reply = kombu.Queue(
-            f"{ex.name}.reply.{correlation}", exclusive=True, auto_delete=True, durable=False
+            reply_prefix(exchange) + correlation, exclusive=True, auto_delete=True, durable=False
         )
         reply(channel).declare()
 
