@@ -19,6 +19,7 @@ from eventbus import Event, EventStore, Relay, Worker, replay
 from eventbus.bus.delivery import EXPIRES_AT, add_delivery_properties, expired
 from eventbus.bus.wire import Publisher, encode
 from eventbus.errors import EventDefinitionError, HandlerDefinitionError, StoreError
+from eventbus.events.model import MAX_EXPIRATION_MS
 from eventbus.run.worker import running
 from eventbus.store.tables import events as T
 from tests.conftest import Broker, queue_info, wait_for
@@ -105,6 +106,26 @@ def test_publish_properties_from_the_stored_headers() -> None:
     assert headers == {EXPIRES_AT: "2030-01-01T00:00:02.500000+00:00"}
     assert expired(headers, now + dt.timedelta(seconds=3)) and not expired(headers, now)
     assert not expired({EXPIRES_AT: "not a time"}, now) and not expired(None, now)
+
+
+def test_expires_after_stays_within_rabbitmqs_expiration_ceiling() -> None:
+    class Longest(Event, type="test.expiry.longest", expires_after=4_294_967.295):
+        n: int
+
+    assert Longest.expires_after == dt.timedelta(milliseconds=MAX_EXPIRATION_MS)
+    for bad in (dt.timedelta(milliseconds=MAX_EXPIRATION_MS + 1), dt.timedelta(days=50), 10**9):
+        with pytest.raises(EventDefinitionError, match="to 4294967295 ms"):
+            type("Bad", (Event,), {}, type="test.expiry.toolong", expires_after=bad)
+
+
+def test_a_far_deadline_is_published_with_the_largest_expiration() -> None:
+    now = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    far = now + dt.timedelta(days=400)  # a future occurred_at plus its expires_after
+    properties: dict[str, Any] = {}
+    headers: dict[str, Any] = {}
+    add_delivery_properties({"expires_at": far.isoformat()}, properties, headers, now)
+    assert properties == {"expiration": str(MAX_EXPIRATION_MS)}
+    assert headers == {EXPIRES_AT: far.isoformat(timespec="microseconds")}
 
 
 def late_message(event: Event) -> tuple[bytes, dict[str, Any], dict[str, Any]]:

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from eventbus.errors import BusError
+from eventbus.events.model import MAX_EXPIRATION_MS
 from eventbus.subscribe.subscriptions import Handler
 
 EXPIRES_AT = "expires_at"  # the AMQP header with the deadline, ISO 8601
@@ -27,7 +28,8 @@ def add_delivery_properties(
 ) -> None:
     """Add ``priority``, ``expiration`` and the ``expires_at`` header from ``stored`` (a row's
     ``headers`` column) to a message about to be published. An already expired event gets the
-    smallest expiration, 1 ms."""
+    smallest expiration, 1 ms; one whose deadline is further away (a future ``occurred_at``)
+    than RabbitMQ takes, the largest, ``MAX_EXPIRATION_MS`` (the header keeps the deadline)."""
     if not stored:
         return
     priority = stored.get("priority")
@@ -36,7 +38,7 @@ def add_delivery_properties(
     deadline = deadline_of(stored.get(EXPIRES_AT))
     if deadline is not None:
         left = (deadline - (now or dt.datetime.now(dt.UTC))).total_seconds()
-        properties["expiration"] = str(max(1, math.ceil(left * 1000)))
+        properties["expiration"] = str(min(MAX_EXPIRATION_MS, max(1, math.ceil(left * 1000))))
         headers[EXPIRES_AT] = deadline.isoformat(timespec="microseconds")
 
 

@@ -347,7 +347,8 @@ def _delivery_options(
         ):
             raise EventDefinitionError(
                 f"{cls.__name__}: expires_after must be a timedelta or seconds from 1 ms to "
-                f"{MAX_EXPIRES_AFTER.days} days, not {expires_after!r}"
+                f"{MAX_EXPIRATION_MS} ms (about 49.7 days: RabbitMQ's ceiling for a message's "
+                f"expiration), not {expires_after!r}"
             )
     if priority is not None:
         check_priority(priority, f"{cls.__name__}: priority")
@@ -360,7 +361,8 @@ def _delivery_options(
         cls.priority = chosen
 
 
-MAX_EXPIRES_AFTER = dt.timedelta(days=365)
+MAX_EXPIRATION_MS = 4_294_967_295  # RabbitMQ refuses a longer per-message expiration (406)
+MAX_EXPIRES_AFTER = dt.timedelta(milliseconds=MAX_EXPIRATION_MS)
 MAX_PRIORITY = 255  # AMQP's priority is an octet; RabbitMQ queues take x-max-priority 1 to 255
 
 
