@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import threading
+import uuid
 from typing import Any
 
+import kombu
 import pytest
+import structlog
 
-from eventbus.bus.control import reply_allowed
+from eventbus.bus.control import Listener, broadcast, control_exchange, identity, reply_allowed
 from eventbus.cli.status import render_processes
 from eventbus.ops.orders import Sent, report, well_formed
 from eventbus.run.control import MAX_TARGETS, command_queues
+from tests.conftest import wait_for
 
 GOOD: dict[str, Any] = {
     "pid": 12,
@@ -110,3 +116,43 @@ def test_answers_go_only_to_a_reply_queue_of_the_control_exchange(
     reply_to: Any, allowed: bool
 ) -> None:
     assert reply_allowed(reply_to, "app") is allowed
+
+
+def test_a_listener_answers_the_cli_but_not_a_queue_a_client_names() -> None:
+    """On memory:// (this process): broadcast's reply queue gets the answer, another doesn't."""
+    exchange = f"ctl-{uuid.uuid4().hex[:8]}"
+    done = threading.Event()
+    listener = Listener(
+        "memory://",
+        exchange,
+        lambda command: {**identity("worker", "svc", []), "did": ["ok"]},
+        done=done,
+        log=structlog.get_logger("test"),
+        label="t",
+    )
+    thread = listener.thread()
+    thread.start()
+    victim = kombu.Queue(f"victim-{exchange}", durable=False)
+    try:
+        wait_for(listener.ready.is_set, 30, "the listener")
+        answers = broadcast("memory://", exchange, {"command": "ping"}, wait=1.0)
+        assert [a["did"] for a in answers] == [["ok"]]
+        with kombu.Connection("memory://") as conn:
+            victim(conn.default_channel).declare()
+            kombu.Producer(conn.default_channel).publish(
+                json.dumps({"command": "ping"}),
+                exchange=control_exchange(exchange),
+                routing_key="control.ping",
+                reply_to=victim.name,
+                serializer=None,
+                content_type="application/json",
+                content_encoding="utf-8",
+            )
+            # Answers go out in order: the one to broadcast's queue after the victim's command
+            # proves the listener dealt with it.
+            later = broadcast("memory://", exchange, {"command": "ping"}, wait=1.0)
+            assert len(later) == 1
+            assert victim(conn.default_channel).get(no_ack=True) is None
+    finally:
+        done.set()
+        thread.join(10)
