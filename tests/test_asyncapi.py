@@ -16,6 +16,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eventbus.events.jsonschema import TOKEN_PATTERN
 from eventbus.ops.asyncapi import document, to_yaml
 from eventbus.ops.catalog import load_application
 
@@ -116,10 +117,11 @@ def test_channels_messages_and_operations_of_an_application() -> None:
     assert placed["summary"] == "A customer placed an order."
     assert placed["headers"] == {"$ref": "#/components/schemas/envelope"}
     email = placed["payload"]["properties"]["customer_email"]
-    assert email == {
-        "type": "string",
-        "format": "email",
-        "x-personal-data": {"subject": "order_id", "placeholder": "<erased>"},
+    assert (email["type"], email["pattern"]) == ("string", TOKEN_PATTERN)
+    assert email["x-personal-data"] == {
+        "subject": "order_id",
+        "placeholder": "<erased>",
+        "schema": {"type": "string", "format": "email"},
     }
     send = doc["operations"]["publish.catalog.order_placed"]["bindings"]["amqp"]
     assert (send["expiration"], send["priority"], send["deliveryMode"]) == (3_600_000, 5, 2)
@@ -139,8 +141,56 @@ def test_the_envelope_headers_are_what_the_wire_sets() -> None:
     _, _, headers = encode(stored)
     headers_validator = jsonschema.Draft7Validator(ENVELOPE_HEADERS)
     assert headers_validator.is_valid(headers)
-    assert set(headers) == set(ENVELOPE_HEADERS["properties"])
+    assert set(headers) == set(ENVELOPE_HEADERS["required"]) | {
+        "causation_id",
+        "stream_id",
+        "stream_version",
+        "position",
+    }
     assert dt.datetime.fromisoformat(headers["occurred_at"]) == event.occurred_at
+
+
+def test_the_envelope_headers_cover_what_the_relay_publishes_a_row_with() -> None:
+    """A stored row with delivery and trace headers, as the relay (and ``parked retry``)
+    publishes it: every header is in the schema and valid; the AMQP properties are named."""
+    import datetime as dt
+    import types
+    import uuid
+
+    from eventbus.ops.asyncapi import ENVELOPE_HEADERS
+    from eventbus.run.parking import message
+
+    now = dt.datetime.now(dt.UTC)
+    row = types.SimpleNamespace(
+        body=b'{"order_id": "6c8d1d43-76b0-4a4b-9b3c-1e1f6f2f1e11", "carrier": "post"}',
+        type="catalog.order_shipped",
+        routing_key="catalog.shipping.done",
+        schema_version=1,
+        event_id=uuid.uuid4(),
+        occurred_at=now,
+        correlation_id=None,
+        causation_id=None,
+        stream_id="order-1",
+        stream_version=1,
+        position=7,
+        headers={
+            "priority": 5,
+            "expires_at": (now + dt.timedelta(hours=1)).isoformat(),
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "tracestate": "vendor=1",
+        },
+    )
+    _, (_, properties, headers) = message(row)
+    assert {"expires_at", "traceparent", "tracestate"} <= set(headers)
+    assert set(headers) <= set(ENVELOPE_HEADERS["properties"])
+    validator = jsonschema.Draft7Validator(
+        ENVELOPE_HEADERS, format_checker=jsonschema.FormatChecker()
+    )
+    assert list(validator.iter_errors(headers)) == []
+    assert not validator.is_valid({**headers, "traceparent": "not a trace"})
+    assert {"priority", "expiration"} <= set(properties)
+    for name in properties:
+        assert name in ENVELOPE_HEADERS["description"], name
 
 
 JSON = st.recursive(

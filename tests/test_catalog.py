@@ -11,15 +11,19 @@ from typing import Annotated, Any
 
 import jsonschema
 import marshmallow
+import sqlalchemy as sa
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eventbus import Event, fields, validate
+from eventbus import Event, EventStore, fields, personal, validate
 from eventbus.cli import main
 from eventbus.events.codec import encode_payload
 from eventbus.events.jsonschema import field_schema, payload_schema
+from eventbus.store.tables import events as T
 from tests.catalog_app import OrderPlaced, OrderShipped
+
+FORMATS = jsonschema.FormatChecker()
 
 
 class Line(marshmallow.Schema):
@@ -170,13 +174,55 @@ def test_the_schema_of_each_field_kind() -> None:
     assert field_schema(nullable_choice) == {"type": ["string", "null"], "enum": ["a", None]}
 
 
-def test_a_personal_data_marker_shows_on_its_property() -> None:
-    schema = payload_schema(OrderPlaced)
-    assert schema["properties"]["customer_email"]["x-personal-data"] == {
+class Scored(Event, type="catalog_test.scored"):
+    """An int personal field, nullable, and one with the default placeholder."""
+
+    player: str
+    score: Annotated[int | None, personal("player", placeholder=-1)] = None
+    nick: Annotated[str, personal("player")]
+
+
+def test_a_personal_field_is_its_sealed_token_with_the_plaintext_schema_aside(
+    store: EventStore,
+) -> None:
+    order = OrderPlaced(
+        order_id=uuid.uuid4(),
+        customer_email="ann@example.com",
+        total=decimal.Decimal("9.50"),
+        placed_at=dt.datetime.now(dt.UTC),
+    )
+    store.append("order-1", [order])
+    store.append("p-1", [Scored(player="p1", score=7, nick="ann"), Scored(player="p2", nick="b")])
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(T.c.type, T.c.payload).order_by(T.c.position)).all()
+    raw = [(t, json.loads(p) if isinstance(p, str) else p) for t, p in rows]
+    assert [t for t, _ in raw] == ["catalog.order_placed", *["catalog_test.scored"] * 2]
+    placed = jsonschema.Draft7Validator(payload_schema(OrderPlaced), format_checker=FORMATS)
+    scored = jsonschema.Draft7Validator(payload_schema(Scored), format_checker=FORMATS)
+    assert raw[0][1]["customer_email"].startswith("eb-pd1:")
+    assert list(placed.iter_errors(raw[0][1])) == []
+    assert raw[1][1]["score"] != 7 and raw[2][1]["score"] is None
+    assert [list(scored.iter_errors(p)) for _, p in raw[1:]] == [[], []]
+    # the plaintext in place of a token is not what travels
+    assert not placed.is_valid({**raw[0][1], "customer_email": "ann@example.com"})
+    assert not scored.is_valid({**raw[1][1], "score": 7})
+    assert not scored.is_valid({**raw[1][1], "nick": None})  # not nullable
+    # forgetting leaves the tokens as they are: they still validate
+    store.forget("p1")
+    with store.engine.connect() as conn:
+        after = conn.execute(sa.select(T.c.payload).where(T.c.stream_id == "p-1")).scalars()
+        assert all(scored.is_valid(json.loads(p) if isinstance(p, str) else p) for p in after)
+    email = payload_schema(OrderPlaced)["properties"]["customer_email"]
+    assert email["x-personal-data"] == {
         "subject": "order_id",
         "placeholder": "<erased>",
+        "schema": {"type": "string", "format": "email"},
     }
-    assert "x-personal-data" not in schema["properties"]["order_id"]
+    score = payload_schema(Scored)["properties"]["score"]
+    assert score["type"] == ["string", "null"]
+    assert score["x-personal-data"]["schema"] == {"type": ["integer", "null"], "default": None}
+    assert score["x-personal-data"]["placeholder"] == -1
+    assert "x-personal-data" not in payload_schema(OrderPlaced)["properties"]["order_id"]
 
 
 def test_events_json_lists_types_versions_fields_upcasters_and_subscribers() -> None:

@@ -216,3 +216,25 @@ def test_personal_fields_appended_from_the_command_line_are_sealed(
     assert store.forget(str(order)) is True
     (event,) = store.read_stream("o-9")
     assert event.customer_email == "<erased>" and event.total == decimal.Decimal("12.50")
+
+
+def test_a_payload_field_named_like_a_constructor_parameter_is_one_line_and_exit_2(
+    db_url: str, store: EventStore
+) -> None:
+    payload = json.dumps({**shipped(uuid.uuid4()), "self": 1})
+    result = append(db_url, "catalog.order_shipped", "--stream", "o-1", "--json", payload)
+    assert result.exit_code == 2, result.output
+    assert result.output == (
+        "eventbus append: payload fields ['self'] are not fields of OrderShipped "
+        "(catalog.order_shipped)\n"
+    )
+    line = {"type": "catalog.order_shipped", "stream": "s", "payload": {"self": 1}}
+    lines = json.dumps({**line, "payload": shipped(uuid.uuid4())}) + "\n" + json.dumps(line)
+    result = append(db_url, stdin=lines + "\n")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "eventbus append: line 2: payload fields ['self'] are not fields of OrderShipped "
+        "(catalog.order_shipped)",
+        "eventbus append: nothing of lines 1-2 was written; 0 events before them were",
+    ]
+    assert store.head() == 0

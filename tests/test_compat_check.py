@@ -16,12 +16,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 BASE = """
 from typing import Annotated
-from eventbus import Event, fields, validate
+from eventbus import Event, fields, personal, validate
 
 class OrderPlaced(Event, type="shop.order_placed"):
     order_id: str
     total: int
     note: str | None = None
+    customer_id: str = ""
+    email: Annotated[str | None, personal("order_id", placeholder="?")] = None
 
 class OrderShipped(Event, type="shop.order_shipped"):
     order_id: str
@@ -104,6 +106,45 @@ BREAKS = {
         + "\n@OrderPlaced.upcaster(2)\ndef up(p): return p\n",
         ["shop.order_placed: version raised from 1 to 3 without an upcaster from version 1 to 2"],
     ),
+    "personal marker removed": (
+        replaced('Annotated[str | None, personal("order_id", placeholder="?")]', "str | None"),
+        [
+            "shop.order_placed: personal-data marker removed from field 'email' (new values "
+            "would be stored in plaintext, and forgetting no longer covers them)"
+        ],
+    ),
+    "personal marker removed across a version bump": (
+        replaced('Annotated[str | None, personal("order_id", placeholder="?")]', "str | None")
+        .replace('type="shop.order_placed"', 'type="shop.order_placed", version=2')
+        .replace("    total: int\n", "    total: float\n")
+        + "\n@OrderPlaced.upcaster(1)\ndef up(p): return p\n",
+        [
+            "shop.order_placed: personal-data marker removed from field 'email' (new values "
+            "would be stored in plaintext, and forgetting no longer covers them)"
+        ],
+    ),
+    "personal field renamed unmarked across a version bump": (
+        replaced(
+            '    email: Annotated[str | None, personal("order_id", placeholder="?")]',
+            "    mail: str | None",
+        ).replace('type="shop.order_placed"', 'type="shop.order_placed", version=2')
+        + "\n@OrderPlaced.upcaster(1)\ndef up(p):\n"
+        "    p = dict(p); p['mail'] = p.pop('email', None); return p\n",
+        [
+            "shop.order_placed: no personal-data field any more (stored tokens would read back "
+            "as literal strings, and new values be stored in plaintext)"
+        ],
+    ),
+    "personal subject changed": (
+        replaced(
+            'personal("order_id", placeholder="?")', 'personal("customer_id", placeholder="?")'
+        ),
+        [
+            "shop.order_placed: subject of personal field 'email' changed from 'order_id' to "
+            "'customer_id' (new values sealed under another subject's key: forgetting one no "
+            "longer covers both)"
+        ],
+    ),
     "routing key changed": (
         replaced('type="shop.order_shipped"', 'type="shop.order_shipped", routing_key="ship"'),
         [
@@ -135,6 +176,11 @@ PASSES = {
     ).replace("    total: int\n", "    total_cents: int\n")
     + "\n@OrderPlaced.upcaster(1)\ndef up(p):\n"
     "    p = dict(p); p['total_cents'] = p.pop('total') * 100; return p\n",
+    "personal marker added": replaced(
+        "    note: str | None = None\n",
+        '    note: Annotated[str | None, personal("order_id")] = None\n',
+    ),
+    "personal placeholder changed": replaced('placeholder="?"', 'placeholder="(gone)"'),
     "validator added on a kept field": replaced(
         "    order_id: str\n    total",
         "    order_id: Annotated[str, fields.Str(validate=validate.Length(max=64))]\n    total",

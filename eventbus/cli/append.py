@@ -218,6 +218,9 @@ class Loader:
         clash = sorted(set(payload) & set(ENVELOPE))
         if clash:
             raise BadLine(f'payload fields {clash} belong to the envelope, beside "payload"')
+        taken = sorted(set(payload) & _parameters(cls))
+        if taken:
+            raise BadLine(f"payload fields {taken} are not fields of {cls._label()}")
         envelope = {k: data[k] for k in ENVELOPE if data.get(k) is not None}
         if "occurred_at" in envelope:
             try:
@@ -228,6 +231,18 @@ class Loader:
             return stream, expected, cls(**payload, **envelope)
         except EventbusError as exc:
             raise BadLine(str(exc)) from None
+        except TypeError as exc:  # a payload the constructor's signature refuses
+            raise BadLine(f"{cls._label()}: {exc}") from None
+
+
+def _parameters(cls: type) -> set[str]:
+    """The named parameters of an event class's constructor (``self`` too): a payload field
+    of one of these names cannot be passed (those of the envelope are checked before)."""
+    import inspect
+
+    params = inspect.signature(cls).parameters.values()  # without self, bound in any case
+    named = {p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    return ({"self"} | named) - set(ENVELOPE)
 
 
 class _AtLine(Exception):

@@ -2,9 +2,9 @@
 
 The schema describes the JSON that eventbus writes for the event (``encode_payload``: what the
 store and the wire carry): formats for date-time, date, uuid, email and uri, lengths, ranges,
-choices and patterns from the validators, ``null`` where the field allows None, defaults.
-marshmallow may accept more on input (``"5"`` for a non-strict Int): the schema is the canonical
-form. A field kind it does not know is ``{}`` (anything). Details: ``docs/catalog.md``.
+choices and patterns from the validators, ``null`` where the field allows None, defaults; a
+personal field is its sealed token (plaintext schema under ``x-personal-data``). marshmallow may
+accept more on input (``"5"`` for a non-strict Int): the schema is the canonical form.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from marshmallow import fields, validate
 
 from eventbus.events.model import Event
 
-__all__ = ["field_schema", "payload_schema", "type_label"]
+__all__ = ["TOKEN_PATTERN", "field_schema", "payload_schema", "type_label"]
+
+# A sealed personal value (``eventbus.events.personal.seal``): eb-pd1:<key id>:<base64url>.
+TOKEN_PATTERN = "^eb-pd1:[A-Za-z0-9_-]{22}:[A-Za-z0-9_-]+={0,2}$"
 
 # Field class -> (JSON type, format); the first match in the field's MRO wins.
 _KINDS: tuple[tuple[type[fields.Field[Any]], str | None, str | None], ...] = (
@@ -36,13 +39,30 @@ _KINDS: tuple[tuple[type[fields.Field[Any]], str | None, str | None], ...] = (
 
 
 def payload_schema(cls: type[Event]) -> dict[str, Any]:
-    """The JSON Schema (draft 7 and later) of ``cls``'s payload: an object of its fields, no
-    others; a field with a personal-data marker carries ``x-personal-data``."""
+    """The JSON Schema (draft 7 and later) of ``cls``'s payload as stored and published: an
+    object of its fields, no others; a personal field is its sealed token (``sealed_schema``)."""
     schema = {"title": cls.__name__, **_object_schema(cls._fields)}
     marked: Mapping[str, Any] = getattr(cls, "personal_fields", None) or {}
     for name, marker in marked.items():
-        if name in schema["properties"]:
-            schema["properties"][name]["x-personal-data"] = personal_marker(marker)
+        field = cls._fields.get(name)
+        key = (field.data_key or name) if field is not None else name
+        if field is not None and key in schema["properties"]:
+            schema["properties"][key] = sealed_schema(field, marker)
+    return schema
+
+
+def sealed_schema(field: fields.Field[Any], marker: Any) -> dict[str, Any]:
+    """The schema of a personal field as it travels: a token (``null`` where the field allows
+    None); the plaintext's schema, subject and placeholder under ``x-personal-data``. A
+    forgotten subject's tokens stay as they are (its key is gone): the placeholder is what the
+    field reads as, never what travels."""
+    schema: dict[str, Any] = {
+        "type": ["string", "null"] if field.allow_none else "string",
+        "pattern": TOKEN_PATTERN,
+        "description": "Personal data, sealed: eb-pd1:<key id>:<base64url of nonce and "
+        "AES-GCM ciphertext>.",
+    }
+    schema["x-personal-data"] = {**personal_marker(marker), "schema": field_schema(field)}
     return schema
 
 

@@ -23,13 +23,16 @@ __all__ = ["ENVELOPE_HEADERS", "document", "to_yaml"]
 AMQP_BINDING = "0.3.0"
 EXCHANGE_CHANNEL = "exchange"
 
-# The AMQP headers of an eventbus message (eventbus.bus.wire.encode_record); the rest of the
-# envelope travels as AMQP properties: message_id (event id), type, timestamp, correlation_id.
+# The AMQP headers of an eventbus message (eventbus.bus.wire.encode_record, and what the relay
+# adds: eventbus.bus.delivery.add_delivery_properties, eventbus.tracing.publish_headers); the rest
+# of the envelope travels as AMQP properties: message_id (event id), type, timestamp, ...
 ENVELOPE_HEADERS: dict[str, Any] = {
     "type": "object",
     "description": "The envelope eventbus puts in the AMQP headers. The AMQP properties carry "
     "the rest: message_id (the event id), type (the event type), timestamp, correlation_id, "
-    "content_type application/json, delivery_mode 2.",
+    "content_type application/json, content_encoding utf-8, delivery_mode 2; and where the "
+    "event was appended with them, priority (0-255) and expiration (the milliseconds left "
+    "until expires_at, as text).",
     "properties": {
         "schema_version": {"type": "integer", "minimum": 1, "description": "Payload version."},
         "occurred_at": {"type": "string", "format": "date-time"},
@@ -37,6 +40,17 @@ ENVELOPE_HEADERS: dict[str, Any] = {
         "stream_id": {"type": "string", "minLength": 1, "maxLength": 255},
         "stream_version": {"type": "integer", "minimum": 1},
         "position": {"type": "integer", "minimum": 1, "description": "Global order."},
+        "expires_at": {
+            "type": "string",
+            "format": "date-time",
+            "description": "The deadline of an expiring event: a worker drops it after this.",
+        },
+        "traceparent": {
+            "type": "string",
+            "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(-.*)?$",
+            "description": "W3C trace context of the append (where tracing is on).",
+        },
+        "tracestate": {"type": "string", "description": "W3C trace state, with traceparent."},
     },
     "required": ["schema_version", "occurred_at"],
 }

@@ -2,9 +2,9 @@
 
 The baseline is a catalog (``eventbus events --json``) of the code that wrote the stored and
 in-flight events. A break is: a type gone (renamed or removed), a routing key changed, a version
-lowered, a version raised without an upcaster chain from the old one, or, at the same version, a
-field removed, retyped, no longer nullable, or newly required. Additions pass. Details:
-``docs/catalog.md``.
+lowered, a version raised without an upcaster chain from the old one, a personal-data marker
+removed or its subject changed (at any version), or, at the same version, a field removed,
+retyped, no longer nullable, or newly required. Additions pass. Details: ``docs/catalog.md``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def _event_breaks(name: str, old: dict[str, Any], new: dict[str, Any]) -> list[s
             f"{name}: routing key changed from {old['routing_key']!r} to {new['routing_key']!r} "
             "(bindings and subscribers of the old key no longer get it)"
         )
+    breaks += _personal_breaks(name, old, new)
     v_old, v_new = old["version"], new["version"]
     if v_new < v_old:
         breaks.append(f"{name}: version lowered from {v_old} to {v_new}")
@@ -87,4 +88,41 @@ def _event_breaks(name: str, old: dict[str, Any], new: dict[str, Any]) -> list[s
                 f"{name}: new field {field!r} is required (stored events lack it); give it a "
                 "default, or bump the version with an upcaster"
             )
+    return breaks
+
+
+def _personal_breaks(name: str, old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Personal-data markers, compared by field name at any version (an upcaster does not
+    change how a value is stored). A marker removed: new values would be stored in plaintext
+    (and, once no field is marked, the old tokens read back as literal strings). Its subject
+    changed: new values are sealed under another subject's key, so forgetting the old subject
+    no longer covers them. A placeholder changed or a marker added passes: the placeholder is
+    applied on reading, never stored, and a plaintext value of a newly marked field reads as
+    it is (only tokens are unsealed)."""
+    breaks = []
+    fields_new = new["fields"]
+    for field, was in old["fields"].items():
+        marker, now = was.get("personal"), fields_new.get(field)
+        if not marker or now is None:
+            continue
+        if not now.get("personal"):
+            breaks.append(
+                f"{name}: personal-data marker removed from field {field!r} (new values would "
+                "be stored in plaintext, and forgetting no longer covers them)"
+            )
+        elif now["personal"].get("subject") != marker.get("subject"):
+            breaks.append(
+                f"{name}: subject of personal field {field!r} changed from "
+                f"{marker.get('subject')!r} to {now['personal'].get('subject')!r} (new values "
+                "sealed under another subject's key: forgetting one no longer covers both)"
+            )
+    if breaks:
+        return breaks
+    was_marked = any(f.get("personal") for f in old["fields"].values())
+    bumped = new["version"] > old["version"]  # (at the same version a removal is a break)
+    if bumped and was_marked and not any(f.get("personal") for f in fields_new.values()):
+        breaks.append(
+            f"{name}: no personal-data field any more (stored tokens would read back as literal "
+            "strings, and new values be stored in plaintext)"
+        )
     return breaks
