@@ -73,12 +73,13 @@ def collect(cls: type[Event], annotations: Mapping[str, Any]) -> dict[str, Perso
     for base in reversed(cls.__mro__[1:]):
         found.update(getattr(base, "personal_fields", {}))
     for name, annotation in annotations.items():
-        if typing.get_origin(annotation) is typing.Annotated:
-            marks = [m for m in typing.get_args(annotation)[1:] if isinstance(m, Personal)]
-            if marks:
-                found[name] = marks[0]
-            else:
-                found.pop(name, None)
+        if typing.get_origin(annotation) is typing.ClassVar:
+            continue
+        marks = _marks(cls, name, annotation)
+        if marks:
+            found[name] = marks[0]
+        elif typing.get_origin(annotation) is typing.Annotated:
+            found.pop(name, None)
     for name, mark in found.items():
         if mark.subject not in cls._fields or mark.subject in found:
             what = "a personal field" if mark.subject in found else "not a field of the event"
@@ -86,7 +87,51 @@ def collect(cls: type[Event], annotations: Mapping[str, Any]) -> dict[str, Perso
                 f"{cls.__name__}.{name}: personal data of subject field {mark.subject!r}, "
                 f"which is {what}; name a (non-personal) field holding the subject's id"
             )
+    for name, mark in found.items():
+        for field in (name, mark.subject):
+            key = cls._fields[field].data_key
+            if key is not None and key != field:
+                raise EventDefinitionError(
+                    f"{cls.__name__}.{field}: a personal field or the subject of one cannot "
+                    f"have a data_key ({key!r}): its stored name must be its field name"
+                )
     return found
+
+
+def _marks(cls: type[Event], name: str, annotation: Any) -> list[Personal]:
+    """The ``personal`` marks of a field: in its ``Annotated[...]``, or in an arm of its union
+    (``Annotated[str, personal(...)] | None``); ``EventDefinitionError`` for one nested deeper
+    (``list[Annotated[str, personal(...)]]``), which would not be sealed."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        marks = [m for m in args[1:] if isinstance(m, Personal)]
+        _refuse_nested(cls, name, args[0])
+        return marks
+    if origin in (typing.Union, types.UnionType):
+        marks = [m for arm in args for m in _marks(cls, name, arm)]
+        if len({*marks}) > 1:
+            raise EventDefinitionError(f"{cls.__name__}.{name}: two different personal() marks")
+        return marks
+    _refuse_nested(cls, name, annotation)
+    return []
+
+
+def _refuse_nested(cls: type[Event], name: str, annotation: Any) -> None:
+    import typing
+
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Annotated:
+        if any(isinstance(m, Personal) for m in args[1:]):
+            raise EventDefinitionError(
+                f"{cls.__name__}.{name}: personal() marks a whole field (T or T | None), not a "
+                "part of one (an element of a list, say): mark the field itself"
+            )
+        args = args[:1]
+    for arg in args:
+        _refuse_nested(cls, name, arg)
 
 
 def subject_problems(cls: type[Event], values: Mapping[str, Any]) -> dict[str, Any]:
