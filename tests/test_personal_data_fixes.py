@@ -3,15 +3,25 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import pytest
 import sqlalchemy as sa
+from kombu.transport import memory
 
-from eventbus import Event, EventStore, fields, personal
-from eventbus.errors import EventDefinitionError
+from eventbus import Event, EventStore, Projection, Relay, Worker, fields, personal, replay
+from eventbus.bus.wire import decode, encode_record
+from eventbus.errors import EventDefinitionError, MalformedMessage
+from eventbus.events.codec import dumps
+from eventbus.events.personal import scrub_text
+from eventbus.run.worker import running
 from eventbus.store.tables import events as T
+from eventbus.store.tables import failures as F
+from eventbus.subscribe.subscriptions import Context
+from eventbus.testing import capture_logs
+from tests.conftest import Broker, wait_for
 
 
 class OptionalPhone(Event, type="pdfix.optional"):
@@ -55,3 +65,85 @@ def test_a_data_key_on_a_personal_or_subject_field_is_refused() -> None:
         class KeyedSubject(Event, type="pdfix.keyed_subject"):
             user_id: Annotated[str, fields.Str(data_key="uid")]
             phone: Annotated[str, personal("user_id")]
+
+
+# -- error texts quoting personal data: dead letters, failures, logs, spans ----------------------
+
+
+class Phoned(Event, type="pdfix.phoned", version=2):
+    user_id: str
+    phone: Annotated[str, personal("user_id")]
+    tags: Annotated[list[str], personal("user_id", placeholder=[])] = []  # noqa: RUF012
+    fail: bool = False
+
+
+@Phoned.upcaster(from_version=1)
+def _phone_as_number(payload: dict[str, Any]) -> dict[str, Any]:
+    return {**payload, "phone": str(int(payload["phone"]))}  # raises on "07700 SECRET"
+
+
+def test_scrub_text_hides_every_form_of_a_personal_value() -> None:
+    event = Phoned(user_id="u1", phone="07700 SECRET", tags=["TAG-ONE", "tag'two"])
+    text = f"bad {event.phone!r} in {event.tags} and {event.tags[1]!r} / {event.tags[0]}"
+    scrubbed = scrub_text(event, text)
+    for secret in ("07700 SECRET", "TAG-ONE", "tag'two", "two"):
+        assert secret not in scrubbed
+    assert scrubbed.startswith("bad <personal> in <personal>")
+    assert scrub_text(Phoned, "x 42 y", [42]) == "x <personal> y"
+
+
+def test_an_upcaster_error_in_a_dead_letter_reason_quotes_no_personal_value(
+    store: EventStore,
+) -> None:
+    secret = f"07700 SECRET-{uuid.uuid4().hex[:6]}"
+    store.append("ph-1", [Phoned(user_id="u1", phone=secret)])
+    store.sequence()
+    (row,) = store.latest(1)
+    body, properties, headers = encode_record(dumps(row.payload), row)
+    headers = {**headers, "schema_version": 1}
+    with pytest.raises(MalformedMessage) as refused:
+        decode(body, properties, headers, store.keys.for_bodies([body]))
+    assert "invalid literal for int()" in str(refused.value)
+    assert secret not in str(refused.value) and "<personal>" in str(refused.value)
+
+
+def test_a_handler_error_quoting_personal_data_leaves_no_plaintext_behind(
+    store: EventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    names = Broker("memory://")
+    secret = f"07700 SECRET-{uuid.uuid4().hex[:6]}"
+    tag = f"TAG-{uuid.uuid4().hex[:6]}"
+    front = names.service("front", retry_delay=0.05, max_attempts=2)
+
+    @front.handles(Phoned)
+    def call(event: Phoned) -> None:
+        raise ValueError(f"bad {event.phone} with {event.tags}")
+
+    proj = Projection(f"pdfix-{uuid.uuid4().hex[:6]}")
+
+    @proj.handles(Phoned)
+    def project(event: Phoned, ctx: Context) -> None:
+        raise KeyError(event.phone)
+
+    caplog.set_level(logging.DEBUG)
+    with capture_logs() as logs:
+        worker = Worker(front, broker_url="memory://", store=store, exchange=names.exchange)
+        with running(worker):
+            assert worker.ready.wait(60)
+            store.append("ph-2", [Phoned(user_id="u2", phone=secret, tags=[tag])])
+            relay = Relay(store, "memory://", exchange=names.exchange, name=names.exchange)
+            assert relay.publish_pending() == 1
+            wait_for(lambda: worker.counts["dead"] == 1, what="the dead letter")
+        report = replay(store, proj.handlers["projection"], skip_failed=True)
+    assert report.failed == 1
+    dead = memory.Channel.queues[front.handlers["call"].dead_letter_queue]
+    (letter,) = list(dead.queue)
+    held = repr(letter)
+    assert "ValueError" in held and "bad <personal> with <personal>" in held
+    with store.engine.connect() as conn:
+        (error,) = conn.execute(sa.select(F.c.error)).scalars()
+    assert error == "KeyError: '<personal>'"
+    logged = repr(logs) + caplog.text
+    assert "bad <personal>" in logged
+    for text in (held, error, logged):
+        assert secret not in text and tag not in text

@@ -23,7 +23,7 @@ from eventbus.errors import EventDefinitionError, EventValidationError
 if TYPE_CHECKING:
     from eventbus.events.model import Event
 
-__all__ = ["FORGOTTEN", "Personal", "personal"]
+__all__ = ["FORGOTTEN", "Personal", "personal", "scrub_text"]
 
 PREFIX = "eb-pd1:"
 KEY_ID = re.compile(rb'"eb-pd1:([A-Za-z0-9_-]{22}):')  # key ids in raw JSON (a message body)
@@ -163,6 +163,61 @@ def _without(messages: Any, shown: list[str]) -> Any:
     if isinstance(messages, dict):
         return {k: _without(m, shown) for k, m in messages.items()}
     return messages
+
+
+SCRUBBED = "<personal>"
+
+
+def personal_values(cls: type[Event], payload: Mapping[str, Any]) -> list[Any]:
+    """The values of ``cls``'s personal fields in ``payload`` (an event's or a decoded one)."""
+    return [payload.get(name) for name in cls.personal_fields if payload.get(name) is not None]
+
+
+def scrub_text(subject: Event | type[Event] | None, text: str, values: Any = None) -> str:
+    """``text`` with every personal value shown in it replaced by ``<personal>``: the values
+    of ``subject``'s personal fields (an event's own, or ``values`` given with a class) and
+    each string, element and str/repr form within them. For dead-letter reasons, failures,
+    log lines and spans: an exception's text may quote the data its handler was given."""
+    if values is None:
+        payload = getattr(subject, "payload", None)
+        event_class = type(subject)
+        values = [] if payload is None else personal_values(event_class, payload)  # type: ignore[arg-type]
+    shown: set[str] = set()
+    _shown(values, shown, 0)
+    for form in sorted(shown - {"", "None", "[]", "{}", "()"}, key=len, reverse=True):
+        text = text.replace(form, SCRUBBED)
+    return text
+
+
+def _shown(value: Any, into: set[str], depth: int) -> None:
+    if value is None or value is FORGOTTEN or depth > 20:
+        return
+    if isinstance(value, str):
+        into.update((value, repr(value), value.encode("unicode_escape").decode()))
+        return
+    into.update((str(value), repr(value)))
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _shown(key, into, depth + 1)
+            _shown(item, into, depth + 1)
+    elif isinstance(value, list | tuple | set | frozenset):
+        for item in value:
+            _shown(item, into, depth + 1)
+
+
+def scrub_exception(event: Event, exc: BaseException) -> BaseException:
+    """``exc`` (raised handling ``event``) with its text arguments scrubbed in place, so that
+    every later use of its message (dead letter, failure row, log line, span) is scrubbed."""
+    if event.personal_fields and exc.args:
+        values = personal_values(type(event), event.payload)
+        exc.args = tuple(_scrubbed_arg(event, a, values) for a in exc.args)
+    return exc
+
+
+def _scrubbed_arg(event: Event, arg: Any, values: list[Any]) -> Any:
+    text = arg if isinstance(arg, str) else str(arg)
+    scrubbed = scrub_text(event, text, values)
+    return arg if scrubbed == text else scrubbed
 
 
 def subject_of(payload: Mapping[str, Any], mark: Personal) -> str:
