@@ -7,13 +7,14 @@ import logging
 import uuid
 from typing import Annotated, Any, Optional
 
+import marshmallow
 import pytest
 import sqlalchemy as sa
 from kombu.transport import memory
 
 from eventbus import Event, EventStore, Projection, Relay, Worker, fields, personal, replay
 from eventbus.bus.wire import decode, encode_record
-from eventbus.errors import EventDefinitionError, MalformedMessage
+from eventbus.errors import EventDefinitionError, EventValidationError, MalformedMessage
 from eventbus.events.codec import dumps
 from eventbus.events.personal import scrub_text
 from eventbus.run.worker import running
@@ -147,3 +148,35 @@ def test_a_handler_error_quoting_personal_data_leaves_no_plaintext_behind(
     assert "bad <personal>" in logged
     for text in (held, error, logged):
         assert secret not in text and tag not in text
+
+
+# -- validation errors of personal fields ---------------------------------------------------------
+
+
+class Listed(Event, type="pdfix.listed"):
+    user_id: str
+    codes: Annotated[
+        list[str],
+        fields.List(fields.Str(validate=lambda v: v.startswith("ok") or _no(f"bad {v}"))),
+        personal("user_id"),
+    ] = []  # noqa: RUF012
+    code: Annotated[
+        str,
+        fields.Str(validate=lambda v: v == "ok" or _no(f"rejected {v[:-4]}")),
+        personal("user_id"),
+    ] = "ok"
+
+
+def _no(message: str) -> bool:
+    raise marshmallow.ValidationError(message)
+
+
+def test_a_validation_error_of_a_personal_field_echoes_no_element_or_part_of_it() -> None:
+    with pytest.raises(EventValidationError) as refused:
+        Listed(user_id="u1", codes=["ok", "XY-SECRET"])
+    assert "XY-SECRET" not in str(refused.value)
+    assert "codes: <personal>: invalid" in str(refused.value)
+    with pytest.raises(EventValidationError) as refused:
+        Listed(user_id="u1", code="MY-SECRET-1234")
+    assert "MY-SECRET" not in str(refused.value)
+    assert "code: <personal>: invalid" in str(refused.value)

@@ -143,26 +143,17 @@ def subject_problems(cls: type[Event], values: Mapping[str, Any]) -> dict[str, A
     }
 
 
+INVALID = "<personal>: invalid"
+
+
 def scrub(cls: type[Event], data: Mapping[str, Any], errors: dict[str, Any]) -> dict[str, Any]:
-    """``errors`` with a personal value's text replaced by ``<personal>`` wherever a message
-    of its field echoes it (so that the error, and a log line of it, holds no plaintext)."""
+    """``errors`` with every message of a personal field that was given a value replaced by
+    ``<personal>: invalid`` (a message may echo the value, a part of it or an element of it:
+    the error, and a log line of it, holds no plaintext). A missing value's messages stay."""
     for name in cls.personal_fields.keys() & errors.keys():
-        value = data.get(name)
-        shown = {repr(value), str(value)} - {"", "None"} if value is not None else set()
-        errors[name] = _without(errors[name], sorted(shown, key=len, reverse=True))
+        if data.get(name) is not None:
+            errors[name] = [INVALID]
     return errors
-
-
-def _without(messages: Any, shown: list[str]) -> Any:
-    if isinstance(messages, str):
-        for text in shown:
-            messages = messages.replace(text, "<personal>")
-        return messages
-    if isinstance(messages, list):
-        return [_without(m, shown) for m in messages]
-    if isinstance(messages, dict):
-        return {k: _without(m, shown) for k, m in messages.items()}
-    return messages
 
 
 SCRUBBED = "<personal>"
