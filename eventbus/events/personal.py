@@ -149,11 +149,33 @@ INVALID = "<personal>: invalid"
 def scrub(cls: type[Event], data: Mapping[str, Any], errors: dict[str, Any]) -> dict[str, Any]:
     """``errors`` with every message of a personal field that was given a value replaced by
     ``<personal>: invalid`` (a message may echo the value, a part of it or an element of it:
-    the error, and a log line of it, holds no plaintext). A missing value's messages stay."""
+    the error, and a log line of it, holds no plaintext); the field's fixed messages (no
+    ``{input}``) and the NUL refusal stay, as do a missing value's messages."""
+    from eventbus.events.values import text_problem
+
+    nul = text_problem("\x00") or ""
     for name in cls.personal_fields.keys() & errors.keys():
         if data.get(name) is not None:
-            errors[name] = [INVALID]
+            field = cls._fields[name]
+            fixed = {
+                m for m in field.error_messages.values() if isinstance(m, str) and "{" not in m
+            }
+            shown = [
+                m if m in fixed else nul if m.startswith(nul) else INVALID
+                for m in _messages(errors[name])
+            ]
+            errors[name] = list(dict.fromkeys(shown))
     return errors
+
+
+def _messages(messages: Any) -> list[str]:
+    if isinstance(messages, str):
+        return [messages]
+    if isinstance(messages, dict):
+        messages = list(messages.values())
+    if isinstance(messages, list):
+        return [m for item in messages for m in _messages(item)]
+    return [INVALID]
 
 
 SCRUBBED = "<personal>"
