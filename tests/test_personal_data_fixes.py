@@ -180,3 +180,25 @@ def test_a_validation_error_of_a_personal_field_echoes_no_element_or_part_of_it(
         Listed(user_id="u1", code="MY-SECRET-1234")
     assert "MY-SECRET" not in str(refused.value)
     assert "code: <personal>: invalid" in str(refused.value)
+
+
+# -- a foreign publisher's plaintext ----------------------------------------------------------
+
+
+def test_a_personal_value_in_the_clear_from_a_foreign_publisher_is_malformed(
+    store: EventStore,
+) -> None:
+    event = Phoned(user_id="u1", phone="07700 SECRET")
+    store.append("ph-3", [event])
+    store.sequence()
+    (row,) = store.latest(1)
+    assert row.payload["tags"].startswith("eb-pd1:")  # a default is sealed too
+    body, properties, headers = encode_record(dumps(row.payload), row)
+    keys = store.keys.for_bodies([body])
+    assert decode(body, properties, headers, keys).phone == "07700 SECRET"
+    clear = dumps({**row.payload, "phone": "07700 SECRET"})
+    for given in (keys, None):
+        with pytest.raises(MalformedMessage) as refused:
+            decode(clear, properties, headers, given)
+        assert "personal field(s) phone came unsealed" in str(refused.value)
+        assert "SECRET" not in str(refused.value)

@@ -159,6 +159,8 @@ def decode(
     occurred_at = _occurred_at(type_name, event_id, properties, headers)
     sealed = payload
     if cls.personal_fields and isinstance(payload, Mapping):
+        if headers.get("schema_version", cls.schema_version) == cls.schema_version:
+            refuse_clear(cls, event_id, payload)
         payload = _unsealed(cls, event_id, payload, keys)
     context = (type_name, event_id)
     correlation_id = _text(properties.get("correlation_id"), "'correlation_id'", *context)
@@ -200,6 +202,21 @@ def refuse_personal(event: Event) -> None:
         raise PublishError(
             f"{event._label()}: personal field(s) {', '.join(held)} are published only sealed, "
             "by the relay from the event store: append the event instead"
+        )
+
+
+def refuse_clear(cls: type[Event], event_id: uuid.UUID, payload: Mapping[str, Any]) -> None:
+    """``MalformedMessage`` naming a personal field whose value came in the clear: the relay
+    publishes every non-null personal value sealed (defaults too), a foreign publisher may not."""
+    clear = [
+        name
+        for name in cls.personal_fields
+        if payload.get(name) is not None and key_id_of(payload[name]) is None
+    ]
+    if clear:
+        raise MalformedMessage(
+            f"{cls.type} {event_id}: personal field(s) {', '.join(clear)} came unsealed; they "
+            "are published only sealed, by the relay from the event store"
         )
 
 
