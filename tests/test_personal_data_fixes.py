@@ -202,3 +202,22 @@ def test_a_personal_value_in_the_clear_from_a_foreign_publisher_is_malformed(
             decode(clear, properties, headers, given)
         assert "personal field(s) phone came unsealed" in str(refused.value)
         assert "SECRET" not in str(refused.value)
+
+
+# -- a hostile body cannot poison a batch's key lookup --------------------------------------------
+
+
+def test_a_body_full_of_fake_key_ids_neither_fails_nor_widens_the_lookup(
+    store: EventStore,
+) -> None:
+    store.append("ph-4", [Phoned(user_id="u1", phone="07700 SECRET")])
+    store.sequence()
+    (row,) = store.latest(1)
+    real = dumps(row.payload)
+    fakes = [f"eb-pd1:{uuid.uuid4().hex[:22]}:AAAA" for _ in range(70_000)]
+    hostile = dumps({"user_id": "u9", "phone": "x", "junk": fakes})
+    assert store.keys.lookup(token[7:29] for token in fakes) == {}  # 70 SELECTs, no error
+    keys = store.keys.for_bodies([("pdfix.phoned", hostile), ("no.such.type", hostile), real])
+    assert keys == store.keys.for_bodies([real]) and len(keys) == 1
+    assert store.keys.for_bodies([("pdfix.phoned", real)]) == keys
+    assert store.keys.for_bodies([("pdfix.optional", b"{}"), (None, hostile)]) == {}
