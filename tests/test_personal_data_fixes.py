@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from kombu.transport import memory
 
 from eventbus import Event, EventStore, Projection, Relay, Worker, fields, personal, replay
+from eventbus.bus.tap import Tapped
 from eventbus.bus.wire import decode, encode_record
 from eventbus.errors import EventDefinitionError, EventValidationError, MalformedMessage
 from eventbus.events.codec import dumps
@@ -221,3 +222,15 @@ def test_a_body_full_of_fake_key_ids_neither_fails_nor_widens_the_lookup(
     assert keys == store.keys.for_bodies([real]) and len(keys) == 1
     assert store.keys.for_bodies([("pdfix.phoned", real)]) == keys
     assert store.keys.for_bodies([("pdfix.optional", b"{}"), (None, hostile)]) == {}
+
+
+def test_a_tapped_event_with_sealed_values_is_read_with_the_store(store: EventStore) -> None:
+    store.append("ph-5", [Phoned(user_id="u1", phone="07700 SECRET")])
+    store.sequence()
+    (row,) = store.latest(1)
+    body, properties, headers = encode_record(dumps(row.payload), row)
+    tapped = Tapped("pdfix.phoned", body, properties, headers)
+    with pytest.raises(MalformedMessage, match="no key ring"):
+        tapped.event()
+    assert tapped.event(store).phone == "07700 SECRET"
+    assert "07700 SECRET" not in repr(tapped.as_json())
