@@ -97,9 +97,21 @@ def _inject(api: Any, context: Any = None) -> dict[str, str] | None:
     return carrier or None
 
 
-def _fail(api: _Api, span: Any, exc: BaseException) -> None:
-    span.record_exception(exc)
-    span.set_status(api.status(api.code.ERROR, f"{type(exc).__name__}: {exc}"))
+def _fail(api: _Api, span: Any, exc: BaseException, message: str | None = None) -> None:
+    """Record ``exc`` on ``span``; ``message`` (its scrubbed text) instead of its own text."""
+    if message is None:
+        span.record_exception(exc)
+        span.set_status(api.status(api.code.ERROR, f"{type(exc).__name__}: {exc}"))
+        return
+    span.add_event(
+        "exception",
+        {
+            "exception.type": type(exc).__name__,
+            "exception.message": message,
+            "exception.escaped": False,
+        },
+    )
+    span.set_status(api.status(api.code.ERROR, message))
 
 
 # -- append ---------------------------------------------------------------------------------
@@ -297,7 +309,7 @@ class _NoSpan:
     def __exit__(self, *_exc: object) -> None:
         return None
 
-    def failed(self, error: BaseException | None) -> None:
+    def failed(self, error: BaseException | None, message: str | None = None) -> None:
         return None
 
 
@@ -339,12 +351,12 @@ class _HandlerSpan:
             )
         return self
 
-    def failed(self, error: BaseException | None) -> None:
+    def failed(self, error: BaseException | None, message: str | None = None) -> None:
         """The handler raised ``error`` (None: it did not): this span and its message's
-        process span fail."""
+        process span fail; ``message`` is the error's text with personal data scrubbed."""
         if error is None:
             return
-        _fail(self.api, self.span, error)
+        _fail(self.api, self.span, error, message)
         if self.process is not None:
             self.process.set_status(self.api.status(self.api.code.ERROR, type(error).__name__))
 

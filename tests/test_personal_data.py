@@ -109,10 +109,10 @@ class Coded(Event, type="pd.coded"):
 def test_a_validation_error_of_a_personal_field_does_not_echo_its_value() -> None:
     with pytest.raises(EventValidationError) as refused:
         Coded(user_id="u1", code="hunter2-secret")
-    assert str(refused.value) == "invalid Coded (pd.coded): code: <personal> is not ok"
+    assert str(refused.value) == "invalid Coded (pd.coded): code: <personal>: invalid"
     with pytest.raises(EventValidationError) as refused:
         Coded(user_id="u1", code="ok", amount=3.5e17)
-    assert "amount: <personal> is a float of 1e16 or more" in str(refused.value)
+    assert "amount: <personal>: invalid" in str(refused.value)
     assert "3.5e+17" not in str(refused.value)
 
 

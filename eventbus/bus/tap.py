@@ -14,7 +14,7 @@ import json
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kombu
 import structlog
@@ -24,6 +24,9 @@ from eventbus.bus.wire import declare_exchange, decode, is_amqp
 from eventbus.events.model import Event
 from eventbus.events.topics import check_pattern, virtual_patterns
 from eventbus.logging import redact
+
+if TYPE_CHECKING:
+    from eventbus.store.store import EventStore
 
 log = structlog.get_logger("eventbus.tap")
 
@@ -39,9 +42,15 @@ class Tapped:
     properties: Mapping[str, Any]
     headers: Mapping[str, Any]
 
-    def event(self) -> Event:
-        """The event, decoded with this process's event classes (``MalformedMessage`` if not)."""
-        return decode(self.body, self.properties, self.headers)
+    def event(self, store: EventStore | None = None) -> Event:
+        """The event, decoded with this process's event classes (``MalformedMessage`` if not).
+        Personal fields travel sealed: pass the ``store`` holding their keys to read them (it
+        is read for the keys only); without it an event with a sealed value is malformed and
+        ``as_json`` shows the tokens."""
+        keys = None
+        if store is not None:
+            keys = store.keys.for_bodies([(self.properties.get("type"), self.body)])
+        return decode(self.body, self.properties, self.headers, keys)
 
     def as_json(self) -> dict[str, Any]:
         """The envelope and the payload as one JSON-ready dict (what ``eventbus tap`` prints)."""

@@ -25,7 +25,7 @@ from eventbus.bus.amqp import UNDECODABLE
 from eventbus.errors import EventError, MalformedMessage, PublishError
 from eventbus.events.codec import decode_event, dumps, encode_payload, loads
 from eventbus.events.model import Event, event_class
-from eventbus.events.personal import key_id_of, unseal_payload
+from eventbus.events.personal import key_id_of, personal_values, scrub_text, unseal_payload
 
 CONTENT_TYPE = "application/json"
 _HEADER_INTS = ("schema_version", "stream_version", "position")
@@ -157,7 +157,10 @@ def decode(
         if value is not None and not -(2**63) <= value < 2**63:  # what AMQP and the store carry
             raise MalformedMessage(f"{type_name} {event_id}: header {name!r} is beyond 64 bits")
     occurred_at = _occurred_at(type_name, event_id, properties, headers)
+    sealed = payload
     if cls.personal_fields and isinstance(payload, Mapping):
+        if headers.get("schema_version", cls.schema_version) == cls.schema_version:
+            refuse_clear(cls, event_id, payload)
         payload = _unsealed(cls, event_id, payload, keys)
     context = (type_name, event_id)
     correlation_id = _text(properties.get("correlation_id"), "'correlation_id'", *context)
@@ -177,11 +180,19 @@ def decode(
             position=headers.get("position"),
         )
     except EventError as exc:
-        raise MalformedMessage(str(exc)) from None
+        raise MalformedMessage(_scrubbed(cls, sealed, payload, str(exc))) from None
     except Exception as exc:  # an upcaster or a field's validator that raised
-        raise MalformedMessage(
-            f"{type_name} {event_id}: decoding failed: {type(exc).__name__}: {exc}"
-        ) from None
+        reason = f"{type_name} {event_id}: decoding failed: {type(exc).__name__}: {exc}"
+        raise MalformedMessage(_scrubbed(cls, sealed, payload, reason)) from None
+
+
+def _scrubbed(cls: type[Event], sealed: Any, payload: Any, reason: str) -> str:
+    """``reason`` without the plaintext of the values that came sealed (any field, as an old
+    version names it) or sit in the class's personal fields."""
+    if not cls.personal_fields or not isinstance(payload, Mapping):
+        return reason
+    values = [v for k, v in payload.items() if isinstance(sealed, Mapping) and sealed.get(k) != v]
+    return scrub_text(cls, reason, values + personal_values(cls, payload))
 
 
 def refuse_personal(event: Event) -> None:
@@ -191,6 +202,21 @@ def refuse_personal(event: Event) -> None:
         raise PublishError(
             f"{event._label()}: personal field(s) {', '.join(held)} are published only sealed, "
             "by the relay from the event store: append the event instead"
+        )
+
+
+def refuse_clear(cls: type[Event], event_id: uuid.UUID, payload: Mapping[str, Any]) -> None:
+    """``MalformedMessage`` naming a personal field whose value came in the clear: the relay
+    publishes every non-null personal value sealed (defaults too), a foreign publisher may not."""
+    clear = [
+        name
+        for name in cls.personal_fields
+        if payload.get(name) is not None and key_id_of(payload[name]) is None
+    ]
+    if clear:
+        raise MalformedMessage(
+            f"{cls.type} {event_id}: personal field(s) {', '.join(clear)} came unsealed; they "
+            "are published only sealed, by the relay from the event store"
         )
 
 

@@ -23,7 +23,7 @@ from eventbus.errors import EventDefinitionError, EventValidationError
 if TYPE_CHECKING:
     from eventbus.events.model import Event
 
-__all__ = ["FORGOTTEN", "Personal", "personal"]
+__all__ = ["FORGOTTEN", "Personal", "personal", "scrub_text"]
 
 PREFIX = "eb-pd1:"
 KEY_ID = re.compile(rb'"eb-pd1:([A-Za-z0-9_-]{22}):')  # key ids in raw JSON (a message body)
@@ -73,12 +73,13 @@ def collect(cls: type[Event], annotations: Mapping[str, Any]) -> dict[str, Perso
     for base in reversed(cls.__mro__[1:]):
         found.update(getattr(base, "personal_fields", {}))
     for name, annotation in annotations.items():
-        if typing.get_origin(annotation) is typing.Annotated:
-            marks = [m for m in typing.get_args(annotation)[1:] if isinstance(m, Personal)]
-            if marks:
-                found[name] = marks[0]
-            else:
-                found.pop(name, None)
+        if typing.get_origin(annotation) is typing.ClassVar:
+            continue
+        marks = _marks(cls, name, annotation)
+        if marks:
+            found[name] = marks[0]
+        elif typing.get_origin(annotation) is typing.Annotated:
+            found.pop(name, None)
     for name, mark in found.items():
         if mark.subject not in cls._fields or mark.subject in found:
             what = "a personal field" if mark.subject in found else "not a field of the event"
@@ -86,7 +87,51 @@ def collect(cls: type[Event], annotations: Mapping[str, Any]) -> dict[str, Perso
                 f"{cls.__name__}.{name}: personal data of subject field {mark.subject!r}, "
                 f"which is {what}; name a (non-personal) field holding the subject's id"
             )
+    for name, mark in found.items():
+        for field in (name, mark.subject):
+            key = cls._fields[field].data_key
+            if key is not None and key != field:
+                raise EventDefinitionError(
+                    f"{cls.__name__}.{field}: a personal field or the subject of one cannot "
+                    f"have a data_key ({key!r}): its stored name must be its field name"
+                )
     return found
+
+
+def _marks(cls: type[Event], name: str, annotation: Any) -> list[Personal]:
+    """The ``personal`` marks of a field: in its ``Annotated[...]``, or in an arm of its union
+    (``Annotated[str, personal(...)] | None``); ``EventDefinitionError`` for one nested deeper
+    (``list[Annotated[str, personal(...)]]``), which would not be sealed."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        marks = [m for m in args[1:] if isinstance(m, Personal)]
+        _refuse_nested(cls, name, args[0])
+        return marks
+    if origin in (typing.Union, types.UnionType):
+        marks = [m for arm in args for m in _marks(cls, name, arm)]
+        if len({*marks}) > 1:
+            raise EventDefinitionError(f"{cls.__name__}.{name}: two different personal() marks")
+        return marks
+    _refuse_nested(cls, name, annotation)
+    return []
+
+
+def _refuse_nested(cls: type[Event], name: str, annotation: Any) -> None:
+    import typing
+
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Annotated:
+        if any(isinstance(m, Personal) for m in args[1:]):
+            raise EventDefinitionError(
+                f"{cls.__name__}.{name}: personal() marks a whole field (T or T | None), not a "
+                "part of one (an element of a list, say): mark the field itself"
+            )
+        args = args[:1]
+    for arg in args:
+        _refuse_nested(cls, name, arg)
 
 
 def subject_problems(cls: type[Event], values: Mapping[str, Any]) -> dict[str, Any]:
@@ -98,26 +143,94 @@ def subject_problems(cls: type[Event], values: Mapping[str, Any]) -> dict[str, A
     }
 
 
+INVALID = "<personal>: invalid"
+
+
 def scrub(cls: type[Event], data: Mapping[str, Any], errors: dict[str, Any]) -> dict[str, Any]:
-    """``errors`` with a personal value's text replaced by ``<personal>`` wherever a message
-    of its field echoes it (so that the error, and a log line of it, holds no plaintext)."""
+    """``errors`` with every message of a personal field that was given a value replaced by
+    ``<personal>: invalid`` (a message may echo the value, a part of it or an element of it:
+    the error, and a log line of it, holds no plaintext); the field's fixed messages (no
+    ``{input}``) and the NUL refusal stay, as do a missing value's messages."""
+    from eventbus.events.values import text_problem
+
+    nul = text_problem("\x00") or ""
     for name in cls.personal_fields.keys() & errors.keys():
-        value = data.get(name)
-        shown = {repr(value), str(value)} - {"", "None"} if value is not None else set()
-        errors[name] = _without(errors[name], sorted(shown, key=len, reverse=True))
+        if data.get(name) is not None:
+            field = cls._fields[name]
+            fixed = {
+                m for m in field.error_messages.values() if isinstance(m, str) and "{" not in m
+            }
+            shown = [
+                m if m in fixed else nul if m.startswith(nul) else INVALID
+                for m in _messages(errors[name])
+            ]
+            errors[name] = list(dict.fromkeys(shown))
     return errors
 
 
-def _without(messages: Any, shown: list[str]) -> Any:
+def _messages(messages: Any) -> list[str]:
     if isinstance(messages, str):
-        for text in shown:
-            messages = messages.replace(text, "<personal>")
-        return messages
-    if isinstance(messages, list):
-        return [_without(m, shown) for m in messages]
+        return [messages]
     if isinstance(messages, dict):
-        return {k: _without(m, shown) for k, m in messages.items()}
-    return messages
+        messages = list(messages.values())
+    if isinstance(messages, list):
+        return [m for item in messages for m in _messages(item)]
+    return [INVALID]
+
+
+SCRUBBED = "<personal>"
+
+
+def personal_values(cls: type[Event], payload: Mapping[str, Any]) -> list[Any]:
+    """The values of ``cls``'s personal fields in ``payload`` (an event's or a decoded one)."""
+    return [payload.get(name) for name in cls.personal_fields if payload.get(name) is not None]
+
+
+def scrub_text(subject: Event | type[Event] | None, text: str, values: Any = None) -> str:
+    """``text`` with every personal value shown in it replaced by ``<personal>``: the values
+    of ``subject``'s personal fields (an event's own, or ``values`` given with a class) and
+    each string, element and str/repr form within them. For dead-letter reasons, failures,
+    log lines and spans: an exception's text may quote the data its handler was given."""
+    if values is None:
+        payload = getattr(subject, "payload", None)
+        event_class = type(subject)
+        values = [] if payload is None else personal_values(event_class, payload)  # type: ignore[arg-type]
+    shown: set[str] = set()
+    _shown(values, shown, 0)
+    for form in sorted(shown - {"", "None", "[]", "{}", "()"}, key=len, reverse=True):
+        text = text.replace(form, SCRUBBED)
+    return text
+
+
+def _shown(value: Any, into: set[str], depth: int) -> None:
+    if value is None or value is FORGOTTEN or depth > 20:
+        return
+    if isinstance(value, str):
+        into.update((value, repr(value), value.encode("unicode_escape").decode()))
+        return
+    into.update((str(value), repr(value)))
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _shown(key, into, depth + 1)
+            _shown(item, into, depth + 1)
+    elif isinstance(value, list | tuple | set | frozenset):
+        for item in value:
+            _shown(item, into, depth + 1)
+
+
+def scrub_exception(event: Event, exc: BaseException) -> BaseException:
+    """``exc`` (raised handling ``event``) with its text arguments scrubbed in place, so that
+    every later use of its message (dead letter, failure row, log line, span) is scrubbed."""
+    if event.personal_fields and exc.args:
+        values = personal_values(type(event), event.payload)
+        exc.args = tuple(_scrubbed_arg(event, a, values) for a in exc.args)
+    return exc
+
+
+def _scrubbed_arg(event: Event, arg: Any, values: list[Any]) -> Any:
+    text = arg if isinstance(arg, str) else str(arg)
+    scrubbed = scrub_text(event, text, values)
+    return arg if scrubbed == text else scrubbed
 
 
 def subject_of(payload: Mapping[str, Any], mark: Personal) -> str:

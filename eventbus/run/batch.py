@@ -57,7 +57,9 @@ class Batches(WorkerBase):
         # The keys of the batch's sealed personal values, in one SELECT and not cached: once
         # ``forget`` committed, only a batch that looked its keys up before unseals the subject.
         # A database error here fails the batch (logged by the caller, the messages requeued).
-        keys = self.store.keys.for_bodies(j.message.body for j in batch)
+        keys = self.store.keys.for_bodies(
+            (j.message.properties.get("type"), j.message.body) for j in batch
+        )
         for job in batch:
             try:
                 message = job.message

@@ -18,6 +18,7 @@ from eventbus.bus.delivery import EXPIRES_AT
 from eventbus.bus.runtime import Acks, Delivery, connect, text, truncate
 from eventbus.bus.wire import PROPERTIES, Message, Publisher, is_amqp
 from eventbus.errors import PublishError
+from eventbus.events.personal import scrub_text
 from eventbus.run.jobs import Job, Outcome, WorkerBase, attempt_of, error_fields, log_fields
 
 
@@ -89,7 +90,9 @@ class Settling(WorkerBase):
         headers.setdefault("x-original-routing-key", message.routing_key)
         headers["x-attempts"] = attempt
         headers["x-exception"] = type(exc).__name__ if exc else "Exception"
-        headers["x-exception-message"] = truncate(str(exc) if exc else job.reason)
+        headers["x-exception-message"] = truncate(
+            scrub_text(job.event, str(exc) if exc else job.reason)
+        )
         return headers
 
     def _retry(self, publisher: Publisher, job: Job) -> None:
@@ -167,6 +170,7 @@ class Settling(WorkerBase):
     ) -> None:
         handler, message = job.handler, job.message
         headers = dict(message.headers or {}) if keep_headers else {}
+        reason = scrub_text(job.event, reason)  # no personal value quoted by an error
         headers["x-dead-reason"] = truncate(reason)
         headers.setdefault("x-original-routing-key", message.routing_key)
         headers["x-failed-at"] = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")

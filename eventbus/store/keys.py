@@ -43,6 +43,8 @@ log = structlog.get_logger("eventbus.store")
 
 MASTER_KEY_ENV = "EVENTBUS_MASTER_KEY"
 _KEY_ID_TEXT = re.compile(KEY_ID.pattern.decode())
+LOOKUP_CHUNK = 1000  # key ids per SELECT
+MAX_IDS_PER_BODY = 64  # key ids looked up for a body given without its type
 
 
 def master_key_setting(given: bytes | str | None) -> bytes | None:
@@ -136,15 +138,22 @@ class KeyRing:
     # -- looking keys up -------------------------------------------------------------------
 
     def lookup(self, ids: Iterable[str], conn: Connection | None = None) -> dict[str, bytes]:
-        """Key id -> data key for those of ``ids`` that still exist (one SELECT)."""
+        """Key id -> data key for those of ``ids`` that still exist (a SELECT per 1,000 ids:
+        within every driver's limit of bound parameters)."""
         wanted = sorted(set(ids))
         if not wanted:
             return {}
-        query = sa.select(K).where(K.c.key_id.in_(wanted))
         if conn is not None:
-            return {r.key_id: self._unwrap(r) for r in conn.execute(query)}
+            return self._lookup(conn, wanted)
         with reader(self.engine) as own:  # on SQLite without the write lock
-            return {r.key_id: self._unwrap(r) for r in own.execute(query)}
+            return self._lookup(own, wanted)
+
+    def _lookup(self, conn: Connection, wanted: list[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        for start in range(0, len(wanted), LOOKUP_CHUNK):
+            query = sa.select(K).where(K.c.key_id.in_(wanted[start : start + LOOKUP_CHUNK]))
+            found.update({r.key_id: self._unwrap(r) for r in conn.execute(query)})
+        return found
 
     def for_rows(self, rows: Sequence[Any], conn: Connection | None = None) -> dict[str, bytes]:
         """The keys the sealed values of these stored rows (``type``, ``payload``) need."""
@@ -160,12 +169,26 @@ class KeyRing:
                 ids.update(key_ids(cls, row.payload))
         return self.lookup(ids, conn) if ids else {}
 
-    def for_bodies(self, bodies: Iterable[bytes | str]) -> dict[str, bytes]:
-        """The keys the sealed values in these message bodies need (one SELECT)."""
+    def for_bodies(
+        self, bodies: Iterable[bytes | str | tuple[Any, bytes | str]]
+    ) -> dict[str, bytes]:
+        """The keys the sealed values in these message bodies need. Given as ``(type, body)``,
+        only a body of a type with personal fields is scanned, for at most as many key ids as
+        it has personal fields (a hostile body cannot make the lookup huge); a bare body, for
+        at most ``MAX_IDS_PER_BODY``."""
         ids: set[str] = set()
-        for body in bodies:
+        for item in bodies:
+            if isinstance(item, tuple):
+                type_name, body = item
+                cls = _classes.get(type_name) if isinstance(type_name, str) else None
+                if cls is None or not cls.personal_fields:
+                    continue  # no personal fields, or no class to decode it with: no keys
+                cap = len(cls.personal_fields)
+            else:
+                body, cap = item, MAX_IDS_PER_BODY
             raw = body if isinstance(body, bytes) else str(body).encode()
-            ids.update(m.decode() for m in KEY_ID.findall(raw))
+            found = dict.fromkeys(m.decode() for m in KEY_ID.findall(raw))
+            ids.update(list(found)[:cap])
         return self.lookup(ids) if ids else {}
 
     # -- forgetting ------------------------------------------------------------------------

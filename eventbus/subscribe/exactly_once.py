@@ -21,7 +21,9 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection
 
 import eventbus.tracing as tracing
+from eventbus.events import personal
 from eventbus.events.model import Event
+from eventbus.events.personal import scrub_text
 from eventbus.logging import redact
 from eventbus.store.store import EventStore, Undecodable
 from eventbus.store.tables import checkpoints as CP
@@ -66,7 +68,7 @@ def invoke(
     """
     with tracing.handling(handler, event, attempt, replaying=replaying) as span:
         error = _invoke(handler, event, db, store, attempt, log, replaying, dry_run)
-        span.failed(error)
+        span.failed(error, None if error is None else scrub_text(event, describe(error)))
         return error
 
 
@@ -122,6 +124,7 @@ def _invoke(
             raise lost from exc
         if ctx._savepoint is not None and ctx._savepoint.is_active:
             ctx._savepoint.rollback()
+        personal.scrub_exception(event, exc)  # its text, wherever it goes, quotes no personal data
         ctx.log.warning("event.failed", error=redact(describe(exc)))
         return exc
     return None
@@ -304,7 +307,7 @@ def record_failure(db: Connection, subscriber: str, event: Event | Undecodable, 
         "event_id": event.event_id,
         "position": event.position,
         "event_type": event.type,
-        "error": error[:4000],
+        "error": (scrub_text(event, error) if isinstance(event, Event) else error)[:4000],
         "failed_at": dt.datetime.now(dt.UTC),
     }
     db.execute(
