@@ -386,12 +386,19 @@ def handling(handler: Any, event: Any, attempt: int, *, replaying: bool = False)
 
 def add_trace_ids(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> Any:
     """A structlog processor: ``trace_id`` and ``span_id`` (hex) of the current span, when it
-    is recording. Nothing is imported: without OpenTelemetry loaded there is no span."""
+    is recording. Nothing is imported: without OpenTelemetry loaded there is no span. Another
+    thread may be importing it (a module half imported has no ``get_current_span`` yet): a log
+    line never fails on that, it goes without the ids."""
     trace = sys.modules.get("opentelemetry.trace")
-    if trace is not None:
-        span = trace.get_current_span()
+    current = getattr(trace, "get_current_span", None)
+    if current is None:
+        return event_dict
+    try:
+        span = current()
         if span.is_recording():
             ids = span.get_span_context()
             event_dict.setdefault("trace_id", format(ids.trace_id, "032x"))
             event_dict.setdefault("span_id", format(ids.span_id, "016x"))
+    except Exception:  # a half-imported API: no ids on this line
+        pass
     return event_dict
