@@ -12,7 +12,9 @@ from typing import Any
 
 import structlog
 
+import eventbus.tracing as tracing
 from eventbus.events.model import Event
+from eventbus.events.personal import scrub_text
 from eventbus.logging import redact
 from eventbus.store.store import EventStore, Undecodable
 from eventbus.subscribe.exactly_once import connection_lost, describe
@@ -51,7 +53,26 @@ def invoke_batch(
     dry_run: bool,
 ) -> BaseException | None:
     """Call ``events``' batch function in a savepoint of ``db``'s transaction; the exception it
-    raised (its writes rolled back), or None. A lost connection is raised."""
+    raised (its writes rolled back), or None. A lost connection is raised. With OpenTelemetry
+    the call is one ``handle`` span, a child of the first event's process span."""
+    with tracing.handling(handler, events[0], 1, replaying=replaying) as span:
+        error = _invoke_batch(
+            handler, events, db, store=store, log=log, replaying=replaying, dry_run=dry_run
+        )
+        span.failed(error, None if error is None else scrub_text(events[0], describe(error)))
+        return error
+
+
+def _invoke_batch(
+    handler: Handler,
+    events: list[Event],
+    db: Any,
+    *,
+    store: EventStore,
+    log: structlog.typing.FilteringBoundLogger,
+    replaying: bool,
+    dry_run: bool,
+) -> BaseException | None:
     owner = handler.owner
     assert isinstance(owner, Projection)
     function: HandlerFunction | None = owner.batch_function(events[0])
