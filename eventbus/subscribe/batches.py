@@ -55,24 +55,6 @@ def invoke_batch(
     """Call ``events``' batch function in a savepoint of ``db``'s transaction; the exception it
     raised (its writes rolled back), or None. A lost connection is raised. With OpenTelemetry
     the call is one ``handle`` span, a child of the first event's process span."""
-    with tracing.handling(handler, events[0], 1, replaying=replaying) as span:
-        error = _invoke_batch(
-            handler, events, db, store=store, log=log, replaying=replaying, dry_run=dry_run
-        )
-        span.failed(error, None if error is None else scrub_text(events[0], describe(error)))
-        return error
-
-
-def _invoke_batch(
-    handler: Handler,
-    events: list[Event],
-    db: Any,
-    *,
-    store: EventStore,
-    log: structlog.typing.FilteringBoundLogger,
-    replaying: bool,
-    dry_run: bool,
-) -> BaseException | None:
     owner = handler.owner
     assert isinstance(owner, Projection)
     function: HandlerFunction | None = owner.batch_function(events[0])
@@ -87,6 +69,20 @@ def _invoke_batch(
         dry_run=dry_run,
         _log_source=log,
     )
+    with tracing.handling(handler, events[0], 1, replaying=replaying) as span:
+        error = _apply(owner, function, events, ctx, db, log)
+        span.failed(error, None if error is None else scrub_text(events[0], describe(error)))
+        return error
+
+
+def _apply(
+    owner: Projection,
+    function: HandlerFunction,
+    events: list[Event],
+    ctx: Context,
+    db: Any,
+    log: structlog.typing.FilteringBoundLogger,
+) -> BaseException | None:
     try:
         owner.apply_batch(function, events, ctx)
         if ctx._savepoint is not None and ctx._savepoint.is_active:
