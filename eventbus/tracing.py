@@ -381,6 +381,16 @@ def handling(handler: Any, event: Any, attempt: int, *, replaying: bool = False)
     return _HandlerSpan(api, handler, event, attempt, replaying)
 
 
+def handler_spans(*, replaying: bool) -> bool:
+    """False when ``handling`` gives no span to any event now: a feed asks once per chunk."""
+    api = _otel()
+    if api is None or not api.recording():
+        return False
+    if not replaying or _processing.get():
+        return True
+    return bool(api.trace.get_current_span().is_recording())
+
+
 # -- log lines ------------------------------------------------------------------------------
 
 

@@ -28,12 +28,12 @@ from eventbus.errors import ReplayStopped
 from eventbus.events.model import Event
 from eventbus.store.store import EventStore, Undecodable
 from eventbus.subscribe.batches import batch_run, invoke_batch
+from eventbus.subscribe.calls import ChunkCalls
 from eventbus.subscribe.chunks import Item, chunks
 from eventbus.subscribe.exactly_once import (
     describe,
     ensure_checkpoint,
     forget_processed,
-    invoke,
     lock_checkpoint,
     processed_recorder,
     read_checkpoint,
@@ -142,6 +142,7 @@ class Feed:
     dry_run = False
     report: FeedReport  # of the run
     _begin: Begin  # a transaction for one chunk, in the run
+    _calls: ChunkCalls  # the handler's calls in the chunk being applied
 
     def __init__(
         self,
@@ -327,11 +328,29 @@ class Feed:
             new_ids = self._fresh(db, decoded)
             fresh = [e for e in items if isinstance(e, Undecodable) or e.event_id in new_ids]
         report.skipped += len(items) - len(fresh)
+        calls = self._calls = ChunkCalls(
+            handler,
+            db,
+            store=self.store,
+            log=self.log,
+            replaying=self.mode != "live",
+            dry_run=self.dry_run,
+        )
+        try:
+            return self._apply_fresh(db, fresh, covered, current, full)
+        finally:
+            calls.unbind()
+
+    def _apply_fresh(
+        self, db: Connection, fresh: list[Item], covered: int, current: int, full: bool
+    ) -> Outcome:
+        handler, report, calls = self.handler, self.report, self._calls
         index, one_by_one = 0, 0  # events before ``one_by_one`` go one per call
         while index < len(fresh):
             item = fresh[index]
-            run = batch_run(handler, fresh, index) if index >= one_by_one else []
+            run = batch_run(handler, fresh, index) if calls.batches and index >= one_by_one else []
             if run:  # a projection's handles_batch function: one call for the run
+                calls.unbind()
                 if self._run_batch(db, run) is None:
                     report.applied += len(run)
                     index += len(run)
@@ -340,12 +359,14 @@ class Feed:
             index += 1
             if isinstance(item, Undecodable):
                 # A stored event this code cannot decode fails like a handler exception.
+                calls.unbind()
                 error: BaseException | None = item.error
             else:
                 error = self._run(db, item)
             if error is None:
                 report.applied += 1
                 continue
+            calls.unbind()  # what follows logs about this event with its own fields
             if not handler.ordered:
                 self._forget(db, [e for e in fresh[index - 1 :] if isinstance(e, Event)])
             outcome = self._give_up_or_retry(db, item, error)
@@ -437,16 +458,7 @@ class Feed:
 
     def _run(self, db: Connection, event: Event) -> BaseException | None:
         """Run the handler on one event; a failed event's database effects are rolled back."""
-        return invoke(
-            self.handler,
-            event,
-            db,
-            store=self.store,
-            attempt=self._failures[event.event_id] + 1,
-            log=self.log,
-            replaying=self.mode != "live",
-            dry_run=self.dry_run,
-        )
+        return self._calls(event, self._failures.get(event.event_id, 0) + 1)
 
 
 def _about(item: Item) -> dict[str, Any]:
