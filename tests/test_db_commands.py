@@ -17,7 +17,7 @@ from eventbus.store.migrate import VERSION_TABLE, current, upgrade
 from tests.conftest import fresh_pg_database
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAD = "0006"
+HEAD = "0007"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -138,7 +138,15 @@ def test_current_history_downgrade_upgrade_round_trip(empty_url: str, tmp_path: 
     behind = ok(eventbus(tmp_path, "current", *url))
     assert behind == f"0003 (head is {HEAD}: 'eventbus db upgrade' applies the rest)\n"
     history = ok(eventbus(tmp_path, "history", *url)).splitlines()
-    assert [line.split()[0] for line in history] == ["0001", "0002", "0003", "0004", "0005", "0006"]
+    assert [line.split()[0] for line in history] == [
+        "0001",
+        "0002",
+        "0003",
+        "0004",
+        "0005",
+        "0006",
+        "0007",
+    ]
     assert history[2] == (
         "0003  Replay and projections: subscriber checkpoints, recorded failures, aggregate "
         "snapshots. (current)"
@@ -152,7 +160,7 @@ def test_current_history_downgrade_upgrade_round_trip(empty_url: str, tmp_path: 
     one_line(declined, 1, "eventbus db downgrade: not confirmed")
     assert current(empty_url) == HEAD
     confirmed = eventbus(tmp_path, "downgrade", "0003", *url, stdin="y\n")
-    assert "Revert 0006, 0005, 0004 on" in ok(confirmed)
+    assert "Revert 0007, 0006, 0005, 0004 on" in ok(confirmed)
     assert current(empty_url) == "0003"
     assert not {"eventbus_paused", "eventbus_parked"} & tables(empty_url)
     one_line(eventbus(tmp_path, "downgrade", "0004", *url, "--yes"), 2, "not an ancestor")

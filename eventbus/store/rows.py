@@ -7,6 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from eventbus.events.fingerprint import fingerprint
 from eventbus.events.model import Event
 from eventbus.store.tables import events as T
 
@@ -16,9 +17,10 @@ INSERT_ONE = (
         f"""
         INSERT INTO {T.name} (event_id, stream_id, stream_version, type, schema_version,
                               occurred_at, correlation_id, causation_id, payload, routing_key,
-                              headers)
+                              headers, schema_fingerprint)
         SELECT :event_id, :stream_id, {_CURRENT} + 1, :type, :schema_version,
-               :occurred_at, :correlation_id, :causation_id, :payload, :routing_key, :headers
+               :occurred_at, :correlation_id, :causation_id, :payload, :routing_key, :headers,
+               :schema_fingerprint
         WHERE CAST(:expected AS INTEGER) IS NULL OR {_CURRENT} = :expected
         RETURNING stream_version
         """
@@ -49,4 +51,5 @@ def row_of(
         "causation_id": event.causation_id,
         "payload": payload,
         "routing_key": None if event.routing_key == event.type else event.routing_key,
+        "schema_fingerprint": fingerprint(type(event)),
     }

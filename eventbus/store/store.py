@@ -31,6 +31,7 @@ from eventbus.errors import (
     StoreError,
 )
 from eventbus.events.codec import decode_event, loads
+from eventbus.events.fingerprint import decode_fingerprinted
 from eventbus.events.model import Event
 from eventbus.events.topics import topic_matches_any
 from eventbus.events.values import text_problem
@@ -450,10 +451,26 @@ def _decode(row: Any, keys: dict[str, bytes]) -> Event:
         causation_id,
         payload,
     ) = row[:11]
+    payload = unseal(type_name, event_id, loads(payload) if type(payload) is str else payload, keys)
+    stored = row[_FINGERPRINT]
+    if stored is not None:  # appended under a schema: is it this class's current one?
+        event = decode_fingerprinted(
+            type_name,
+            schema_version,
+            stored,
+            payload,
+            event_id,
+            occurred_at,
+            correlation_id,
+            causation_id,
+            (stream_id, version, position),
+        )
+        if event is not None:
+            return event
     return decode_event(
         type_name,
         schema_version,
-        unseal(type_name, event_id, loads(payload) if type(payload) is str else payload, keys),
+        payload,
         event_id=event_id if type(event_id) is uuid.UUID else uuid.UUID(event_id),
         occurred_at=occurred_at
         if isinstance(occurred_at, dt.datetime)
@@ -464,3 +481,6 @@ def _decode(row: Any, keys: dict[str, bytes]) -> Event:
         stream_version=version,
         position=position,
     )
+
+
+_FINGERPRINT = list(T.columns.keys()).index("schema_fingerprint")

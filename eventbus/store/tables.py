@@ -81,6 +81,10 @@ events = sa.Table(
     # Delivery properties decided at append, for the relay to publish with (NULL: none):
     # {"priority": int, "expires_at": ISO 8601 str, "traceparent": str, "tracestate": str}.
     sa.Column("headers", Headers, nullable=True),
+    # The schema fingerprint of the class the event was validated with when appended
+    # (events/fingerprint.py): read back under the same one, it is not validated again.
+    # NULL (a row written otherwise, or a class without one): validated in full.
+    sa.Column("schema_fingerprint", sa.BigInteger, nullable=True),
     sa.UniqueConstraint("event_id"),
     sa.UniqueConstraint("stream_id", "stream_version"),
     sa.UniqueConstraint("position"),
