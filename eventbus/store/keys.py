@@ -156,17 +156,19 @@ class KeyRing:
         return found
 
     def for_rows(self, rows: Sequence[Any], conn: Connection | None = None) -> dict[str, bytes]:
-        """The keys the sealed values of these stored rows (``type``, ``payload``) need."""
+        """The keys the sealed values of these stored rows need (rows of the events table in
+        its column order: ``type`` and ``payload`` are read by index)."""
         classes = _classes
         ids: set[str] = set()
         for row in rows:
-            cls = classes.get(row.type)
+            cls = classes.get(row[_TYPE])
             if cls is None or not cls.personal_fields:
                 continue
-            if isinstance(row.payload, str):
-                ids.update(_KEY_ID_TEXT.findall(row.payload))
+            payload = row[_PAYLOAD]
+            if isinstance(payload, str):
+                ids.update(_KEY_ID_TEXT.findall(payload))
             else:
-                ids.update(key_ids(cls, row.payload))
+                ids.update(key_ids(cls, payload))
         return self.lookup(ids, conn) if ids else {}
 
     def for_bodies(
@@ -230,6 +232,10 @@ class KeyRing:
                 with contextlib.suppress(Exception):
                     driver.autocommit = False  # back to the pool as it came
             raw.close()
+
+
+_TYPE = list(T.columns.keys()).index("type")
+_PAYLOAD = list(T.columns.keys()).index("payload")
 
 
 def unseal(type_name: str, event_id: Any, payload: Any, keys: Mapping[str, bytes]) -> Any:

@@ -1,5 +1,4 @@
-"""Schema fingerprints on events (a stored event read back under its schema is not validated
-again).
+"""Schema fingerprints on events: read back under the same schema, not validated again.
 
 Revision ID: 0007
 Revises: 0006
