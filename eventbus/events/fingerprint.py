@@ -91,8 +91,8 @@ def decode_fingerprinted(
         or type(event_id) is not uuid.UUID
         or type(occurred_at) is not dt.datetime
         or occurred_at.utcoffset() != _ZERO
-        or not _plain_id(correlation_id)
-        or not _plain_id(causation_id)
+        or not (correlation_id is None or _plain_id(correlation_id))
+        or not (causation_id is None or _plain_id(causation_id))
         or (cls.personal_fields and has_forgotten(payload))
     ):
         return None
