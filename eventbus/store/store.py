@@ -308,6 +308,35 @@ class EventStore:
         checkpoint past events it does not take. ``report_undecodable``: an event this process
         cannot decode goes to ``page.undecodable`` instead of raising its ``EventError``.
         """
+        for rows, after, keys in self.row_pages(
+            from_position, until_position=until_position, types=types, patterns=patterns
+        ):
+            page = _decode_page(rows, after, keys)
+            if page.undecodable and not report_undecodable:
+                # The events before the bad one are read; then its error, naming it.
+                bad = page.undecodable[0]
+                yield Page(
+                    [e for e in page.events if (e.position or 0) < bad.position],
+                    bad.position - 1,
+                )
+                bad.error.add_note(
+                    f"stored event {bad.event_id} ({bad.type}) at position {bad.position} "
+                    f"of stream {bad.stream_id!r}"
+                )
+                raise bad.error
+            yield page
+
+    def row_pages(
+        self,
+        from_position: int = 1,
+        *,
+        until_position: int | None = None,
+        types: Iterable[str | type[Event]] | None = None,
+        patterns: Iterable[str] | None = None,
+    ) -> Iterator[tuple[Sequence[Any], int, dict[str, bytes]]]:
+        """``read_pages`` before decoding: each page's rows, the last position it covers and
+        the keys its sealed values need; ``decode_page`` makes it a ``Page`` (with undecodable
+        events in ``page.undecodable``). A replay reads ahead with it in a thread of its own."""
         names = None if types is None else [t if isinstance(t, str) else t.type for t in types]
         wanted = None if patterns is None else list(patterns)
         after = from_position - 1
@@ -320,20 +349,7 @@ class EventStore:
                 sequenced_at_tail = False
                 if wanted is not None:
                     rows = [r for r in rows if topic_matches_any(wanted, r[_KEY] or r[_TYPE])]
-                page = _decode_page(rows, after, self.keys.for_rows(rows))
-                if page.undecodable and not report_undecodable:
-                    # The events before the bad one are read; then its error, naming it.
-                    bad = page.undecodable[0]
-                    yield Page(
-                        [e for e in page.events if (e.position or 0) < bad.position],
-                        bad.position - 1,
-                    )
-                    bad.error.add_note(
-                        f"stored event {bad.event_id} ({bad.type}) at position {bad.position} "
-                        f"of stream {bad.stream_id!r}"
-                    )
-                    raise bad.error
-                yield page
+                yield rows, after, self.keys.for_rows(rows)
             if until_position is not None and after >= until_position:
                 return
             if not full:
@@ -341,6 +357,11 @@ class EventStore:
                 if sequenced_at_tail or not self._sequenced or self.sequence() == 0:
                     return
                 sequenced_at_tail = True
+
+    @staticmethod
+    def decode_page(rows: Sequence[Any], last: int, keys: dict[str, bytes]) -> Page:
+        """The ``Page`` of one of ``row_pages``' pages."""
+        return _decode_page(rows, last, keys)
 
     def _page(self, after: int, until: int | None, names: list[str] | None) -> Sequence[Any]:
         """Up to ``page_size`` rows after position ``after``, in position order."""

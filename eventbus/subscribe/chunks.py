@@ -11,13 +11,14 @@ import contextlib
 import queue
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from eventbus.events.model import Event
 from eventbus.store.store import EventStore, Page, Undecodable
 from eventbus.subscribe.subscriptions import Handler
 
 Item = Event | Undecodable
+T = TypeVar("T")
 
 
 def chunks(
@@ -39,14 +40,17 @@ def chunks(
         names = own
     patterns = None if own is not None else list(handler.patterns)
     covered = first - 1
-    pages: Iterator[Page] = store.read_pages(
-        first, until_position=last, types=names, patterns=patterns, report_undecodable=True
-    )
+    pages: Iterator[Page]
     if read_ahead and store.engine.dialect.name == "postgresql":
-        # The next page is read while this one is applied: the wait for the database overlaps
-        # the decoding and the handler (a file or in-memory SQLite connection is not shared
-        # between threads).
-        pages = _read_ahead(pages)
+        # The next page is read while this one is decoded and applied: the wait for the
+        # database overlaps them (a file or in-memory SQLite connection is not shared between
+        # threads). Decoding stays on this thread: the reader mostly waits, holding no GIL.
+        rows = store.row_pages(first, until_position=last, types=names, patterns=patterns)
+        pages = (store.decode_page(*page) for page in _read_ahead(rows))
+    else:
+        pages = store.read_pages(
+            first, until_position=last, types=names, patterns=patterns, report_undecodable=True
+        )
     for page in pages:
         items: list[Item] = [*page.events, *page.undecodable]
         if page.undecodable:
@@ -62,7 +66,7 @@ def chunks(
         yield [], last  # the tail holds no event it takes: the checkpoint passes it
 
 
-def _read_ahead(pages: Iterator[Page]) -> Iterator[Page]:
+def _read_ahead(pages: Iterator[T]) -> Iterator[T]:
     """``pages``, read one page ahead by a thread of its own; its errors are raised here, in
     order. Closing this generator stops the thread after the page it is reading."""
     ready: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=1)

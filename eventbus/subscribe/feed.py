@@ -458,7 +458,8 @@ class Feed:
 
     def _run(self, db: Connection, event: Event) -> BaseException | None:
         """Run the handler on one event; a failed event's database effects are rolled back."""
-        return self._calls(event, self._failures.get(event.event_id, 0) + 1)
+        failures = self._failures
+        return self._calls(event, failures[event.event_id] + 1 if failures else 1)
 
 
 def _about(item: Item) -> dict[str, Any]:
