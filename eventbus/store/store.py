@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import random
 import time
 import uuid
@@ -30,17 +29,15 @@ from eventbus.errors import (
     EventError,
     StoreError,
 )
-from eventbus.events.codec import decode_event, loads
-from eventbus.events.fingerprint import decode_fingerprinted
 from eventbus.events.model import Event
 from eventbus.events.topics import topic_matches_any
 from eventbus.events.values import text_problem
 from eventbus.store import sequencer
 from eventbus.store.delivery import delivery_headers
 from eventbus.store.engine import create_engine
-from eventbus.store.keys import KeyRing, unseal
+from eventbus.store.keys import KeyRing
 from eventbus.store.limits import encoded_payload, max_event_bytes_setting
-from eventbus.store.rows import INSERT_ONE, row_of
+from eventbus.store.rows import EVENT_ID, INSERT_ONE, KEY, POSITION, STREAM, TYPE, event_of, row_of
 from eventbus.store.tables import events as T
 
 log = structlog.get_logger("eventbus.store")
@@ -345,10 +342,10 @@ class EventStore:
             rows = self._page(after, until_position, names)
             full = len(rows) == self.page_size
             if rows:
-                after = rows[-1][_POSITION]
+                after = rows[-1][POSITION]
                 sequenced_at_tail = False
                 if wanted is not None:
-                    rows = [r for r in rows if topic_matches_any(wanted, r[_KEY] or r[_TYPE])]
+                    rows = [r for r in rows if topic_matches_any(wanted, r[KEY] or r[TYPE])]
                 yield rows, after, self.keys.for_rows(rows)
             if until_position is not None and after >= until_position:
                 return
@@ -399,7 +396,7 @@ class EventStore:
                 rows = conn.execute(query).all()
                 keys = self.keys.for_rows(rows, conn)
             for row in rows:
-                yield _decode(row, keys)
+                yield event_of(row, keys)
             if len(rows) < self.page_size:
                 return
             after = rows[-1].stream_version
@@ -423,7 +420,7 @@ class EventStore:
         return sequencer.reader(self.engine)
 
 
-# The payload comes as text, parsed by orjson in _decode: psycopg's jsonb loader took twice
+# The payload comes as text, parsed by orjson in rows.event_of: psycopg's jsonb loader took twice
 # as long per row (bench/replay.py).
 _PG_COLUMNS = ", ".join(
     "payload::text AS payload" if c.name == "payload" else c.name for c in T.columns
@@ -452,64 +449,10 @@ def _decode_page(rows: Sequence[sa.Row[Any]], last: int, keys: dict[str, bytes])
     page = Page([], last)
     for row in rows:
         try:
-            page.events.append(_decode(row, keys))
+            page.events.append(event_of(row, keys))
         except EventError as exc:
-            event_id, stream_id, type_name = row[_EVENT_ID], row[_STREAM], row[_TYPE]
+            event_id, stream_id, type_name = row[EVENT_ID], row[STREAM], row[TYPE]
             page.undecodable.append(
-                Undecodable(uuid.UUID(str(event_id)), type_name, row[_POSITION], stream_id, exc)
+                Undecodable(uuid.UUID(str(event_id)), type_name, row[POSITION], stream_id, exc)
             )
     return page
-
-
-def _decode(row: Any, keys: dict[str, bytes]) -> Event:
-    # A row of select(events) (or _PG_PAGE: payload as JSON text), by index: faster than by name.
-    (
-        _,
-        position,
-        event_id,
-        stream_id,
-        version,
-        type_name,
-        schema_version,
-        occurred_at,
-        correlation_id,
-        causation_id,
-        payload,
-    ) = row[:11]
-    payload = unseal(type_name, event_id, loads(payload) if type(payload) is str else payload, keys)
-    stored = row[_FINGERPRINT]
-    if stored is not None:  # appended under a schema: is it this class's current one?
-        event = decode_fingerprinted(
-            type_name,
-            schema_version,
-            stored,
-            payload,
-            event_id,
-            occurred_at,
-            correlation_id,
-            causation_id,
-            (stream_id, version, position),
-        )
-        if event is not None:
-            return event
-    return decode_event(
-        type_name,
-        schema_version,
-        payload,
-        event_id=event_id if type(event_id) is uuid.UUID else uuid.UUID(event_id),
-        occurred_at=occurred_at
-        if isinstance(occurred_at, dt.datetime)
-        else dt.datetime.fromisoformat(occurred_at),
-        correlation_id=correlation_id,
-        causation_id=causation_id,
-        stream_id=stream_id,
-        stream_version=version,
-        position=position,
-    )
-
-
-# Rows are read by index (plain tuples on PostgreSQL, Rows of select(events) on SQLite).
-_COLUMNS = list(T.columns.keys())
-_POSITION, _EVENT_ID, _STREAM = (_COLUMNS.index(c) for c in ("position", "event_id", "stream_id"))
-_TYPE, _KEY = _COLUMNS.index("type"), _COLUMNS.index("routing_key")
-_FINGERPRINT = _COLUMNS.index("schema_fingerprint")
