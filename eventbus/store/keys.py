@@ -43,7 +43,7 @@ log = structlog.get_logger("eventbus.store")
 
 MASTER_KEY_ENV = "EVENTBUS_MASTER_KEY"
 _KEY_ID_TEXT = re.compile(KEY_ID.pattern.decode())
-LOOKUP_CHUNK = 1000  # key ids per SELECT
+LOOKUP_CHUNK = 1000  # key ids per SELECT (on PostgreSQL one array holds them all)
 MAX_IDS_PER_BODY = 64  # key ids looked up for a body given without its type
 
 
@@ -149,6 +149,8 @@ class KeyRing:
             return self._lookup(own, wanted)
 
     def _lookup(self, conn: Connection, wanted: list[str]) -> dict[str, bytes]:
+        if conn.dialect.name == "postgresql":  # one statement text whatever the count: prepared
+            return {r.key_id: self._unwrap(r) for r in conn.execute(_LOOKUP_PG, {"ids": wanted})}
         found: dict[str, bytes] = {}
         for start in range(0, len(wanted), LOOKUP_CHUNK):
             query = sa.select(K).where(K.c.key_id.in_(wanted[start : start + LOOKUP_CHUNK]))
@@ -236,6 +238,9 @@ class KeyRing:
 
 _TYPE = list(T.columns.keys()).index("type")
 _PAYLOAD = list(T.columns.keys()).index("payload")
+_LOOKUP_PG = sa.select(K).where(
+    K.c.key_id == sa.any_(sa.bindparam("ids", type_=sa.ARRAY(K.c.key_id.type)))
+)
 
 
 def unseal(type_name: str, event_id: Any, payload: Any, keys: Mapping[str, bytes]) -> Any:

@@ -74,52 +74,89 @@ def award(
 
 @scores.handles_batch(UserLoggedIn, NewImage)
 def award_many(events: list[NewImage | UserLoggedIn], ctx: Context) -> None:
-    """``award`` for a chunk of events, in their order: one read of the users' rows and badges,
-    then one upsert of the new counts and one insert of the badges earned."""
+    """``award`` for a chunk of events, in their order: one statement adds each user's counts
+    (their totals and badges come back), one inserts the badges earned, at the event that did."""
     db = ctx.connection
-    users = sorted({e.user_id for e in events})
-    counts = {
-        row.user_id: [row.points, row.uploads, row.logins]
-        for row in db.execute(sa.select(points).where(points.c.user_id.in_(users)))
-    }
-    held = set(
-        db.execute(sa.select(badges.c.user_id, badges.c.badge).where(badges.c.user_id.in_(users)))
-    )
-    earned: list[dict[str, object]] = []
+    added: dict[str, list[int]] = {}  # user -> [points, uploads, logins] in this chunk
     for event in events:
-        total = counts.setdefault(event.user_id, [0, 0, 0])
+        deeds = added.get(event.user_id)
+        if deeds is None:
+            deeds = added[event.user_id] = [0, 0, 0]
         if isinstance(event, NewImage):
-            total[0] += POINTS_PER_UPLOAD
-            total[1] += 1
+            deeds[0] += POINTS_PER_UPLOAD
+            deeds[1] += 1
         else:
-            total[0] += POINTS_PER_LOGIN
-            total[2] += 1
-        deeds = {"uploads": total[1], "logins": total[2]}
-        for badge, (kind, needed) in BADGES.items():
-            if (event.user_id, badge) not in held and deeds[kind] >= needed:
-                held.add((event.user_id, badge))
-                earned.append(
-                    {"user_id": event.user_id, "badge": badge, "earned_at": event.occurred_at}
-                )
-    rows = [(u, *counts[u]) for u in users]
-    if db.dialect.name == "postgresql":  # one statement, its text the same every chunk
-        columns = [list(column) for column in zip(*rows, strict=True)]
-        db.execute(_UPSERT_PG, dict(zip(("u", "p", "up", "l"), columns, strict=True)))
-    else:
-        db.execute(_UPSERT, [dict(zip(_COLUMNS, row, strict=True)) for row in rows])
-    if earned:
-        db.execute(sa.insert(badges), earned)
+            deeds[0] += POINTS_PER_LOGIN
+            deeds[2] += 1
+    users = sorted(added)  # rows locked in one order
+    postgres = db.dialect.name == "postgresql"
+    totals = (_add_postgres if postgres else _add)(db, users, added)
+    counting: dict[str, list[int]] = {}  # user -> [uploads, logins] before the event at hand
+    for user, (uploads, logins, held) in totals.items():
+        if any(b not in held and (uploads, logins)[i] >= n for b, i, n in _RULES):
+            counting[user] = [uploads - added[user][1], logins - added[user][2]]
+    earned: list[tuple[str, str, dt.datetime]] = []
+    for event in events:
+        count = counting.get(event.user_id)
+        if count is None:
+            continue  # earns nothing in this chunk
+        count[0 if isinstance(event, NewImage) else 1] += 1
+        held = totals[event.user_id][2]
+        for badge, i, needed in _RULES:
+            if badge not in held and count[i] >= needed:
+                held.add(badge)
+                earned.append((event.user_id, badge, event.occurred_at))
+    if earned and postgres:
+        columns = [list(column) for column in zip(*earned, strict=True)]
+        db.execute(_GRANT_POSTGRES, dict(zip(("u", "b", "t"), columns, strict=True)))
+    elif earned:
+        db.execute(sa.insert(badges), [dict(zip(_BADGE, row, strict=True)) for row in earned])
 
 
+_RULES = [(badge, ("uploads", "logins").index(deeds), n) for badge, (deeds, n) in BADGES.items()]
+_BADGE = ("user_id", "badge", "earned_at")
 _COLUMNS = ("user_id", "points", "uploads", "logins")
-_UPSERT = sa.text(
+Totals = dict[str, tuple[int, int, set[str]]]  # user -> uploads, logins, badges held
+
+
+def _add(db: Connection, users: list[str], added: dict[str, list[int]]) -> Totals:
+    """Add the counts (an upsert per user), then read the totals and badges back."""
+    db.execute(_ADD, [dict(zip(_COLUMNS, (u, *added[u]), strict=True)) for u in users])
+    totals: Totals = {
+        r.user_id: (r.uploads, r.logins, set())
+        for r in db.execute(sa.select(points).where(points.c.user_id.in_(users)))
+    }
+    for user, badge in db.execute(
+        sa.select(badges.c.user_id, badges.c.badge).where(badges.c.user_id.in_(users))
+    ):
+        totals[user][2].add(badge)
+    return totals
+
+
+def _add_postgres(db: Connection, users: list[str], added: dict[str, list[int]]) -> Totals:
+    """``_add`` in one statement of arrays (its text, and so its prepared plan, the same for
+    every chunk)."""
+    columns = [users, *([added[u][i] for u in users] for i in range(3))]
+    result = db.execute(_ADD_POSTGRES, dict(zip(("u", "p", "up", "l"), columns, strict=True)))
+    return {user: (uploads, logins, set(held)) for user, uploads, logins, held in result}
+
+
+_ADD = sa.text(
     "INSERT INTO points (user_id, points, uploads, logins) "
     "VALUES (:user_id, :points, :uploads, :logins) ON CONFLICT (user_id) DO UPDATE SET "
-    "points = excluded.points, uploads = excluded.uploads, logins = excluded.logins"
+    "points = points.points + excluded.points, uploads = points.uploads + excluded.uploads, "
+    "logins = points.logins + excluded.logins"
 )
-_UPSERT_PG = sa.text(
-    "INSERT INTO points (user_id, points, uploads, logins) "
+_ADD_POSTGRES = sa.text(
+    "WITH added AS (INSERT INTO points AS p (user_id, points, uploads, logins) "
     "SELECT * FROM unnest(CAST(:u AS text[]), CAST(:p AS int[]), CAST(:up AS int[]), "
-    "CAST(:l AS int[])) ON CONFLICT (user_id) DO UPDATE SET "
-    "points = excluded.points, uploads = excluded.uploads, logins = excluded.logins"
+    "CAST(:l AS int[])) ON CONFLICT (user_id) DO UPDATE SET points = p.points + excluded.points, "
+    "uploads = p.uploads + excluded.uploads, logins = p.logins + excluded.logins "
+    "RETURNING p.user_id, p.uploads, p.logins) "
+    "SELECT a.user_id, a.uploads, a.logins, "
+    "ARRAY(SELECT b.badge FROM badges AS b WHERE b.user_id = a.user_id) FROM added AS a"
+)
+_GRANT_POSTGRES = sa.text(
+    "INSERT INTO badges (user_id, badge, earned_at) SELECT * FROM unnest("
+    "CAST(:u AS text[]), CAST(:b AS text[]), CAST(:t AS timestamptz[]))"
 )
