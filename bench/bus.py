@@ -427,19 +427,22 @@ def bench_worker(bench: Bench, concurrency: int) -> float:
     )
     bench.workers.append(worker)
     deadline = time.monotonic() + 120 + n / 500
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     worker.start()
     while worker.counts["processed"] < n:
         if worker.error is not None or time.monotonic() > deadline:
             raise SystemExit(f"worker stuck at {worker.counts}: {worker.error}")
         time.sleep(0.005)
     secs = time.perf_counter() - start
+    cpu = (time.process_time() - cpu) / n * 1e6  # this process: the worker's threads, this loop
     worker.stop()
     if worker.counts != {"processed": n, "duplicate": 0, "retried": 0, "dead": 0}:
         raise SystemExit(f"unexpected worker counts {worker.counts}")
     if bench.processed(queue) != n:
         raise SystemExit(f"{bench.processed(queue)} processed records, expected {n}")
-    print(f"  worker concurrency {concurrency}: {n / secs:,.0f}/s", flush=True)
+    print(
+        f"  worker concurrency {concurrency}: {n / secs:,.0f}/s, CPU {cpu:.0f} us/msg", flush=True
+    )
     return n / secs
 
 
@@ -448,8 +451,10 @@ def bench_raw_consume(bench: Bench, messages: list[Message]) -> float:
     bench.declare_queue(queue)
     raw_publish(bench.amqp, "", queue, messages, 500)
     bench.wait_messages(queue, len(messages))
+    cpu = time.process_time()
     secs = raw_consume(bench.amqp, queue, len(messages))
-    print(f"  raw kombu consume: {len(messages) / secs:,.0f}/s", flush=True)
+    cpu = (time.process_time() - cpu) / len(messages) * 1e6
+    print(f"  raw kombu consume: {len(messages) / secs:,.0f}/s, CPU {cpu:.0f} us/msg", flush=True)
     return len(messages) / secs
 
 
@@ -467,19 +472,13 @@ def bench_faststream(bench: Bench, messages: list[Message]) -> float | None:
     bench.declare_queue(queue)
     raw_publish(bench.amqp, "", queue, messages, 500)
     bench.wait_messages(queue, len(messages))
-    out = subprocess.run(
-        [python, str(BENCH / "faststream_consume.py"), bench.amqp, queue, str(len(messages))],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    script = str(BENCH / "faststream_consume.py")
+    rate = run_peer(
+        bench, "FastStream subscriber", python, [script, bench.amqp, queue, str(bench.n)]
     )
-    if out.returncode != 0:
-        raise SystemExit(f"the FastStream consumer failed: {out.stderr.strip()[-2000:]}")
     left = bench.queue_info(queue)[0]
     if left != 0:
         raise SystemExit(f"the FastStream consumer left {left} messages")
-    rate = len(messages) / float(out.stdout.split()[-1])
-    print(f"  FastStream subscriber: {rate:,.0f}/s", flush=True)
     return rate
 
 
@@ -492,8 +491,9 @@ def run_peer(bench: Bench, label: str, python: str, args: list[str]) -> float:
     out = subprocess.run([python, *args], capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise SystemExit(f"the {label} consumer failed: {out.stderr.strip()[-2000:]}")
-    rate = bench.n / float(out.stdout.split()[-1])
-    print(f"  {label}: {rate:,.0f}/s", flush=True)
+    seconds, cpu = out.stdout.split()[-2:]  # the drain's seconds and the process's CPU seconds
+    rate = bench.n / float(seconds)
+    print(f"  {label}: {rate:,.0f}/s, CPU {float(cpu) / bench.n * 1e6:.0f} us/msg", flush=True)
     return rate
 
 

@@ -5,9 +5,10 @@
 Dramatiq's RabbitMQ broker reads only its own JSON envelope (actor name, args, options), so
 this script first fills a queue of its own, ``QUEUE``, with N messages in that format, each
 carrying the same ~1 KB JSON body (``BODY_FILE``) as its argument, untimed (publisher
-confirms); then prints the seconds from before the worker starts (and connects) until the N-th
-actor call (one worker thread, prefetch 100, Dramatiq's default middleware; acked after the
-actor). Needs ``pip install 'dramatiq[rabbitmq]==2.2.1'`` (installed for this benchmark only).
+confirms); then prints the seconds (and CPU seconds) from before the worker starts (and
+connects) until the N-th actor call (one worker thread, prefetch 100, Dramatiq's default
+middleware; acked after the actor). Needs ``pip install 'dramatiq[rabbitmq]==2.2.1'``
+(installed for this benchmark only).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 from typing import Any
 
 
-def drain(url: str, queue: str, n: int, body: dict[str, Any]) -> float:
+def drain(url: str, queue: str, n: int, body: dict[str, Any]) -> tuple[float, float]:
     import dramatiq
     from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
@@ -41,7 +42,7 @@ def drain(url: str, queue: str, n: int, body: dict[str, Any]) -> float:
     for _ in range(n):
         handle.send(body)
     broker.close()  # the worker connects anew, inside the timing
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     worker = dramatiq.Worker(broker, worker_threads=1)
     worker.queue_prefetch = 100  # Dramatiq 2.2 reads it from the environment, else 2 per thread
     worker.start()
@@ -52,14 +53,15 @@ def drain(url: str, queue: str, n: int, body: dict[str, Any]) -> float:
     finally:
         worker.stop()
         broker.close()
-    return end[0] - start
+    return end[0] - start, time.process_time() - cpu
 
 
 def main() -> None:
     url, queue, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     with open(sys.argv[4], encoding="utf-8") as f:
         body = json.load(f)
-    print(f"{drain(url, queue, n, body):.6f}")
+    seconds, cpu = drain(url, queue, n, body)
+    print(f"{seconds:.6f} {cpu:.6f}")
 
 
 if __name__ == "__main__":
