@@ -18,9 +18,14 @@ Rows, all in one run (absolute numbers drift on shared machines; compare the rat
 2. worker: ``Worker.start()`` until ``counts["processed"] == N`` on a queue pre-filled with N
    events, no-op handler, prefetch 100 (processed records written to PostgreSQL, as always); raw:
    a kombu Consumer, prefetch 100, acking the same N messages one by one, no decoding. Both
-   include connecting (the worker also declares its queues). Peer: a FastStream RabbitMQ
-   subscriber process (``bench/faststream_consume.py``, prefetch 100, ack after the handler, JSON
-   body decoded) drains the same N messages, from before connecting to the N-th handler call.
+   include connecting (the worker also declares its queues). Peers, each a process of its own
+   (``bench/<peer>_consume.py``), from before connecting to the N-th handler call, acking after
+   the handler, JSON body decoded: a FastStream RabbitMQ subscriber and a nameko ``@consume``
+   service draining the same N messages (prefetch 100), and a Dramatiq worker (1 thread,
+   prefetch 100) draining N messages of Dramatiq's own format (its broker reads only its JSON
+   envelope) that carry the same body, from a queue of its own. Benchmark-only installs:
+   ``--faststream-python``, ``--nameko-python``, ``--dramatiq-python`` name their interpreters
+   (nameko and Dramatiq rows are not run without; the table then says how to install).
 3. end to end: the relay (``python -m eventbus relay``) and the worker (``python -m eventbus run``)
    run as separate processes, as in production, sharing the cores with PostgreSQL, RabbitMQ and
    the appender processes. Throughput: appenders store N events in appends of 100; events/s from
@@ -422,19 +427,22 @@ def bench_worker(bench: Bench, concurrency: int) -> float:
     )
     bench.workers.append(worker)
     deadline = time.monotonic() + 120 + n / 500
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     worker.start()
     while worker.counts["processed"] < n:
         if worker.error is not None or time.monotonic() > deadline:
             raise SystemExit(f"worker stuck at {worker.counts}: {worker.error}")
         time.sleep(0.005)
     secs = time.perf_counter() - start
+    cpu = (time.process_time() - cpu) / n * 1e6  # this process: the worker's threads, this loop
     worker.stop()
     if worker.counts != {"processed": n, "duplicate": 0, "retried": 0, "dead": 0}:
         raise SystemExit(f"unexpected worker counts {worker.counts}")
     if bench.processed(queue) != n:
         raise SystemExit(f"{bench.processed(queue)} processed records, expected {n}")
-    print(f"  worker concurrency {concurrency}: {n / secs:,.0f}/s", flush=True)
+    print(
+        f"  worker concurrency {concurrency}: {n / secs:,.0f}/s, CPU {cpu:.0f} us/msg", flush=True
+    )
     return n / secs
 
 
@@ -443,8 +451,10 @@ def bench_raw_consume(bench: Bench, messages: list[Message]) -> float:
     bench.declare_queue(queue)
     raw_publish(bench.amqp, "", queue, messages, 500)
     bench.wait_messages(queue, len(messages))
+    cpu = time.process_time()
     secs = raw_consume(bench.amqp, queue, len(messages))
-    print(f"  raw kombu consume: {len(messages) / secs:,.0f}/s", flush=True)
+    cpu = (time.process_time() - cpu) / len(messages) * 1e6
+    print(f"  raw kombu consume: {len(messages) / secs:,.0f}/s, CPU {cpu:.0f} us/msg", flush=True)
     return len(messages) / secs
 
 
@@ -462,20 +472,99 @@ def bench_faststream(bench: Bench, messages: list[Message]) -> float | None:
     bench.declare_queue(queue)
     raw_publish(bench.amqp, "", queue, messages, 500)
     bench.wait_messages(queue, len(messages))
-    out = subprocess.run(
-        [python, str(BENCH / "faststream_consume.py"), bench.amqp, queue, str(len(messages))],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    script = str(BENCH / "faststream_consume.py")
+    rate = run_peer(
+        bench, "FastStream subscriber", python, [script, bench.amqp, queue, str(bench.n)]
     )
-    if out.returncode != 0:
-        raise SystemExit(f"the FastStream consumer failed: {out.stderr.strip()[-2000:]}")
     left = bench.queue_info(queue)[0]
     if left != 0:
         raise SystemExit(f"the FastStream consumer left {left} messages")
-    rate = len(messages) / float(out.stdout.split()[-1])
-    print(f"  FastStream subscriber: {rate:,.0f}/s", flush=True)
     return rate
+
+
+NAMEKO_PIP = "pip install 'nameko==2.14.1'"
+DRAMATIQ_PIP = "pip install 'dramatiq[rabbitmq]==2.2.1'"
+
+
+def run_peer(bench: Bench, label: str, python: str, args: list[str]) -> float:
+    """Run a peer's script (``bench/<name>_consume.py``) with ``python``; its messages/s."""
+    out = subprocess.run([python, *args], capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise SystemExit(f"the {label} consumer failed: {out.stderr.strip()[-2000:]}")
+    seconds, cpu = out.stdout.split()[-2:]  # the drain's seconds and the process's CPU seconds
+    rate = bench.n / float(seconds)
+    print(f"  {label}: {rate:,.0f}/s, CPU {float(cpu) / bench.n * 1e6:.0f} us/msg", flush=True)
+    return rate
+
+
+def peer_python(label: str, python: str | None, module: str, pip: str, option: str) -> str | None:
+    """``python`` if it can import ``module``; None (and says how to install) otherwise."""
+    if python is None:
+        print(f"  {label}: not run ({pip} in a virtual environment, then {option} PYTHON)")
+        return None
+    if subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode:
+        print(f"  {label}: not installed for {python} ({pip})", flush=True)
+        return None
+    return python
+
+
+def bench_nameko(bench: Bench, messages: list[Message]) -> float | None:
+    """A nameko ``@consume`` service draining the same N messages (None: not installed)."""
+    label = "nameko consumer"
+    python = peer_python(
+        label, bench.args.nameko_python, "nameko.messaging", NAMEKO_PIP, "--nameko-python"
+    )
+    if python is None:
+        return None
+    queue = f"bench-nameko-{bench.tag}"
+    bench.declare_queue(queue)
+    raw_publish(bench.amqp, "", queue, messages, 500)
+    bench.wait_messages(queue, len(messages))
+    script = str(BENCH / "nameko_consume.py")
+    rate = run_peer(bench, label, python, [script, bench.amqp, queue, str(bench.n)])
+    if bench.queue_info(queue)[0] != 0:
+        raise SystemExit(f"the {label} left messages in {queue}")
+    return rate
+
+
+def bench_dramatiq(bench: Bench, messages: list[Message]) -> float | None:
+    """A Dramatiq worker (1 thread) draining N messages of its own format: its broker reads
+    only Dramatiq's JSON envelope, so its script fills a queue of its own with N messages
+    carrying the same JSON body (None: not installed)."""
+    label = "Dramatiq worker, 1 thread"
+    python = peer_python(
+        label,
+        bench.args.dramatiq_python,
+        "dramatiq.brokers.rabbitmq",
+        DRAMATIQ_PIP,
+        "--dramatiq-python",
+    )
+    if python is None:
+        return None
+    queue = f"bench-dramatiq-{bench.tag}"
+    bench.queues += [queue, f"{queue}.DQ", f"{queue}.XQ"]  # what Dramatiq declares
+    SCRATCH.mkdir(parents=True, exist_ok=True)
+    body = SCRATCH / f"bus-dramatiq-{bench.tag}.json"
+    bench.files.append(body)
+    body.write_bytes(messages[0][0])
+    script = str(BENCH / "dramatiq_consume.py")
+    rate = run_peer(bench, label, python, [script, bench.amqp, queue, str(bench.n), str(body)])
+    if bench.queue_info(queue)[0] != 0:
+        raise SystemExit(f"the {label} left messages in {queue}")
+    return rate
+
+
+def peer_rows(w1: float, raw: float, peers: dict[str, float | None]) -> list[tuple[str, ...]]:
+    """A row per peer that ran, and eventbus's worker against it (messages/s per process)."""
+    rows = []
+    for label, rate in peers.items():
+        if rate is None:
+            rows.append((f"{label}: not run (see above)", "", "", "", "", ""))
+            continue
+        rows.append(row(label, rate, raw, "", None))
+        verdict = "pass" if w1 > rate else "FAIL"
+        rows.append((f"eventbus worker vs {label}", "", "", f"{w1 / rate:.0%}", "> 100%", verdict))
+    return rows
 
 
 # -- 3. end to end -------------------------------------------------------------------------------
@@ -697,6 +786,14 @@ def main() -> None:
         help=f"the Python whose FastStream drains the peer row ({FASTSTREAM_PIP})",
     )
     parser.add_argument(
+        "--nameko-python",
+        help=f"the Python whose nameko drains the nameko row ({NAMEKO_PIP}); not run without",
+    )
+    parser.add_argument(
+        "--dramatiq-python",
+        help=f"the Python whose Dramatiq runs the Dramatiq row ({DRAMATIQ_PIP}); not run without",
+    )
+    parser.add_argument(
         "--only", default="relay,worker,e2e", help="rows to run: relay, worker, e2e (comma list)"
     )
     args = parser.parse_args()
@@ -719,19 +816,12 @@ def main() -> None:
                     w2 = bench_worker(bench, 2)
                     rows.append(row("worker, prefetch 100, concurrency 1", w1, raw, ">= 70%", 0.7))
                     rows.append(row("worker, prefetch 100, concurrency 2", w2, raw, "", None))
-                    fs = bench_faststream(bench, messages)
-                    if fs is not None:
-                        rows.append(row("FastStream subscriber, prefetch 100", fs, raw, "", None))
-                        rows.append(
-                            (
-                                "eventbus worker vs FastStream",
-                                "",
-                                "",
-                                f"{w1 / fs:.0%}",
-                                "> 100%",
-                                "pass" if w1 > fs else "FAIL",
-                            )
-                        )
+                    peers = {
+                        "FastStream subscriber, prefetch 100": bench_faststream(bench, messages),
+                        "nameko consumer, prefetch 100": bench_nameko(bench, messages),
+                        "Dramatiq worker, 1 thread, prefetch 100": bench_dramatiq(bench, messages),
+                    }
+                    rows += peer_rows(w1, raw, peers)
                 e2e = bench_end_to_end(bench) if "e2e" in only else None
             finally:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish

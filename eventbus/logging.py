@@ -57,6 +57,15 @@ def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, A
     return event_dict
 
 
+def debug_enabled(name: str) -> bool:
+    """Whether a debug line of structlog's logger ``name`` may be written: False only when lines
+    go through stdlib logging (as ``configure_logging`` sets up) and its logger ``name`` is not
+    enabled for DEBUG, so that a hot path need not build a line that would be dropped."""
+    if isinstance(structlog.get_config()["logger_factory"], structlog.stdlib.LoggerFactory):
+        return logging.getLogger(name).isEnabledFor(logging.DEBUG)
+    return True
+
+
 def _as_text(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> str:
     """The last processor without ``configure_logging``: one plain message for stdlib logging
     (``event key=value ...`` and the traceback), which the application's formatters frame."""

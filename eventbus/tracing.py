@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from typing import Any, ParamSpec, TypeVar
@@ -18,6 +19,7 @@ import structlog
 P = ParamSpec("P")
 R = TypeVar("R")
 
+_ASK: Any = object()  # OpenTelemetry without its module-level provider: ask it each time
 _KEYS = ("traceparent", "tracestate")  # the W3C trace context, in the store and on the wire
 _api: Any = None  # once looked for: a namespace of what is used, or False (not importable)
 # The append span's context, as headers, while ``append`` runs (``inject_headers`` reads it).
@@ -41,14 +43,21 @@ class _Api:
         self.propagator = TraceContextTextMapPropagator()
         version = getattr(sys.modules.get("eventbus"), "__version__", None)
         self.tracer = trace.get_tracer("eventbus", version)
-        self.configured = False
+        self.known: bool | None = None  # whether the provider set records; None: none set yet
+        self.from_env = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ  # loaded on first ask
 
     def recording(self) -> bool:
-        """True once a tracer provider (an SDK) is set; before, the hooks only carry context."""
-        if not self.configured:
-            provider = self.trace.get_tracer_provider()
-            self.configured = not isinstance(provider, self.trace.ProxyTracerProvider)
-        return self.configured
+        """True once a tracer provider that records (an SDK) is set; before, and under the API's
+        ``NoOpTracerProvider``, no span is made: the hooks only carry the context on."""
+        if self.known is not None:  # OpenTelemetry sets its provider once: decided for good
+            return self.known
+        if getattr(self.trace, "_TRACER_PROVIDER", _ASK) is None and not self.from_env:
+            return False  # none set yet (an attribute read, not a provider lookup per event)
+        provider = self.trace.get_tracer_provider()
+        if isinstance(provider, self.trace.ProxyTracerProvider):
+            return False
+        self.known = not isinstance(provider, self.trace.NoOpTracerProvider)
+        return self.known
 
 
 def _otel() -> _Api | None:
@@ -243,11 +252,14 @@ def processing(broker_url: str, exchange: str, jobs: list[Any]) -> Any:
     is the current one for the block."""
     api = _otel()
     if api is None:
-        return contextlib.nullcontext()
+        return _NULL
     if not api.recording():  # no SDK: the message's context current, for what it appends
         parent = _context(jobs[0].message.headers, api) if len(jobs) == 1 else None
-        return contextlib.nullcontext() if parent is None else _attached(api, parent)
+        return _NULL if parent is None else _attached(api, parent)
     return _process(api, broker_url, exchange, jobs)
+
+
+_NULL = contextlib.nullcontext()  # reusable: no state
 
 
 @contextlib.contextmanager

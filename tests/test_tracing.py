@@ -17,11 +17,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 import structlog
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util._once import Once
 
 import eventbus.tracing
@@ -229,6 +231,44 @@ def test_a_projection_applies_each_event_inside_its_message_process_span(
         process = processes[(handle.attributes or {})["messaging.message.id"]]
         assert parent_of(handle) == process.context.span_id  # type: ignore[union-attr]
         assert handle.context.trace_id == process.context.trace_id  # type: ignore[union-attr]
+
+
+def test_a_no_op_tracer_provider_makes_no_span_and_carries_the_context_on(
+    store: EventStore, bus: tuple[str, Broker]
+) -> None:
+    """The API's NoOpTracerProvider set: as without an SDK, the hooks make no span (decided
+    once), and what a handler appends carries the trace context its message came with."""
+    url, names = bus
+    svc = names.service("noop-provider")
+
+    @svc.handles(UserLoggedIn)
+    def count_login(event: UserLoggedIn, ctx: Context) -> None:
+        ctx.append(f"count-{event.user_id}", [Counted(n=1)])
+
+    trace.set_tracer_provider(trace.NoOpTracerProvider())
+    eventbus.tracing._api = None
+    try:
+        incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        remote = TraceContextTextMapPropagator().extract({"traceparent": incoming})
+        token = otel_context.attach(remote)
+        try:
+            (login,) = store.append("u-1", [UserLoggedIn(user_id="1")])
+        finally:
+            otel_context.detach(token)
+        worker = Worker(svc, broker_url=url, store=store, exchange=names.exchange)
+        relay = Relay(store, url, exchange=names.exchange, name=names.exchange)
+        with running(worker):
+            assert worker.ready.wait(60)  # its queue exists before the relay publishes
+            with running(relay):
+                wait_for(lambda: worker.counts["processed"] == 1)
+        api = eventbus.tracing._otel()
+        assert api is not None and api.known is False and not api.recording()
+    finally:
+        unset_tracer_provider()
+    assert stored_headers(store, login.event_id) == {"traceparent": incoming}
+    with store.engine.connect() as db:
+        counted = db.execute(sa.select(T.c.headers).where(T.c.type == "test.counted")).scalar_one()
+    assert counted == {"traceparent": incoming}  # carried through the worker, no span between
 
 
 def test_replay_makes_spans_only_inside_a_span_of_yours(

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar, Self
 
+import amqp.transport
 import kombu
 import kombu.exceptions
 
@@ -133,27 +134,53 @@ def connect(url: str, *, connect_timeout: float = 10, **options: Any) -> kombu.C
     return conn
 
 
+_CHUNK = 32768  # bytes per recv on AMQP: a run of frames at once, not three reads per frame
+
+
 def wait_for_frames(conn: kombu.Connection, sock: Any, wake_fd: int, busy: bool) -> None:
     """Receive what the broker sent, or return as soon as another thread writes to the pipe
     ``wake_fd`` (work finished: acks to send), or after 0.1 s.
 
     ``sock`` is the AMQP socket (None on virtual transports, which are polled: every 2 ms while
-    ``busy``, else every 50 ms).
+    ``busy``, else every 50 ms). On plain TCP the socket is read in chunks into py-amqp's own
+    read buffer and every whole frame there is handled before returning.
     """
     if sock is None:
         with contextlib.suppress(TimeoutError):
             conn.drain_events(timeout=0.002 if busy else 0.05)
         return
+    amqp_conn = conn.connection
+    transport = amqp_conn.transport
+    if type(transport) is amqp.transport.TCPTransport:
+        if not _whole_frame(transport._read_buffer):
+            if not _select(sock, wake_fd):
+                return
+            chunk = sock.recv(_CHUNK)
+            if not chunk:
+                raise OSError("Server unexpectedly closed connection")
+            transport._read_buffer += chunk
+        while _whole_frame(transport._read_buffer):
+            amqp_conn.blocking_read(None)  # a blocking socket: no timeout to set and reset
+        return
     pending = getattr(sock, "pending", None)  # TLS: decrypted bytes already read
-    if not (pending and pending()):
-        ready, _, _ = select.select([sock, wake_fd], [], [], 0.1)
-        if wake_fd in ready:
-            with contextlib.suppress(BlockingIOError):
-                os.read(wake_fd, 4096)
-        if sock not in ready:
-            return
+    if not (pending and pending()) and not _select(sock, wake_fd):
+        return
     with contextlib.suppress(TimeoutError):
         conn.drain_events(timeout=0.05)
+
+
+def _select(sock: Any, wake_fd: int) -> bool:
+    """Wait up to 0.1 s for the socket or the wake pipe (emptied); True if the socket is ready."""
+    ready, _, _ = select.select([sock, wake_fd], [], [], 0.1)
+    if wake_fd in ready:
+        with contextlib.suppress(BlockingIOError):
+            os.read(wake_fd, 4096)
+    return sock in ready
+
+
+def _whole_frame(buffer: bytes) -> bool:
+    """Whether ``buffer`` starts with a whole AMQP frame: type, channel, size, payload, end."""
+    return len(buffer) >= 8 and len(buffer) >= 8 + int.from_bytes(buffer[3:7], "big")
 
 
 @dataclasses.dataclass(slots=True)

@@ -22,11 +22,12 @@ from eventbus.bus.delivery import expired
 from eventbus.bus.wire import decode
 from eventbus.errors import MalformedMessage
 from eventbus.events.model import Event
-from eventbus.logging import redact
+from eventbus.logging import debug_enabled, redact
 from eventbus.run.jobs import Job, Outcome, WorkerBase, attempt_of, log_fields
 from eventbus.subscribe.exactly_once import connection_lost, forget_processed, invoke
 from eventbus.subscribe.feed import Interrupted, apply_through
 
+_LOGGER = "eventbus.worker"  # the worker's structlog logger (eventbus.run.worker)
 _LOST = "the database connection was lost: nothing of the batch committed, it runs again"
 
 
@@ -237,6 +238,7 @@ class Batches(WorkerBase):
             fresh.update((queue_name, event_id) for event_id in inserted)
         blocked: set[tuple[str, int]] | None = None  # partitions with a failed event
         unstarted: dict[str, list[Event]] = {}
+        debug = debug_enabled(_LOGGER)  # once per batch: no line built to be dropped
         for job in jobs:
             assert job.event is not None
             key = (job.handler.queue, job.event.event_id)
@@ -255,15 +257,15 @@ class Batches(WorkerBase):
                     forget_processed(db, job.handler.queue, [job.event])
                     job.outcome = Outcome.HELD
                     continue
-                self._run_one(db, job)
+                self._run_one(db, job, debug)
                 if job.outcome is Outcome.RETRY:
                     blocked = (blocked or set()) | {partition}
                 continue
-            self._run_one(db, job)
+            self._run_one(db, job, debug)
         for queue_name, events in unstarted.items():
             forget_processed(db, queue_name, events)
 
-    def _run_one(self, db: Any, job: Job) -> None:
+    def _run_one(self, db: Any, job: Job, debug: bool) -> None:
         assert job.event is not None
         handler = job.handler
         if job.partition is None:
@@ -288,11 +290,9 @@ class Batches(WorkerBase):
             job.reason = "".join(traceback.format_exception_only(error)).strip()
             return
         job.outcome = Outcome.ACK
-        self._log.debug(
-            "event.handled",
-            **log_fields(job, attempt),
-            ms=round(seconds * 1000, 2),
-        )
+        if debug:
+            ms = round(seconds * 1000, 2)
+            self._log.debug("event.handled", **log_fields(job, attempt), ms=ms)
 
 
 def connectivity(exc: sa.exc.DBAPIError) -> bool:

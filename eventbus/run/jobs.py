@@ -81,8 +81,8 @@ class WorkerBase(Runtime):
     exchange: str
     batch_size: int
     counts: dict[str, int]
-    _jobs: queues.Queue[Job | None]
-    _done: queues.Queue[Job]
+    _jobs: queues.Queue[list[Job] | None]  # what the consumers took, a run of frames at once
+    _done: queues.Queue[Job | list[Job]]  # finished: one job, or a handler thread's batch
     _metrics: dict[str, metrics.HandlerMetrics]
     _insert_processed: RecordProcessed
     _paused: frozenset[str]

@@ -35,52 +35,64 @@ class Settling(WorkerBase):
         partitions: set[Acks] = set()
         while True:
             try:
-                job = self._done.get_nowait()
+                item = self._done.get_nowait()  # a job, or a handler thread's batch of them
             except queues.Empty:
                 acks.flush()
                 for own in partitions:
                     if not own.closed:
                         own.flush()
                 return
-            try:
-                if job.generation != generation:
-                    continue  # its channel is gone; the broker redelivers it
-                settle = acks if job.acks is None else job.acks
-                if settle.closed or job.outcome is Outcome.DROP:
-                    continue  # never covered by a multiple ack: it stays unsettled
-                if settle is not acks:
-                    partitions.add(settle)
-                settle.settled(job.message.delivery_tag)
-                if job.outcome is Outcome.ACK:
-                    settle.ack(job.message)
-                elif job.outcome is Outcome.REQUEUE:
-                    job.message.reject(True)
-                elif job.outcome is Outcome.RETRY:
-                    self._retry(publisher, job)
-                elif job.outcome is Outcome.EXPIRED:
-                    self._expired(publisher, job, settle)
-                elif job.outcome is Outcome.EXHAUSTED:
-                    headers = self._failure_headers(job, job.failures, job.first_failure or "")
-                    self._give_up(publisher, job, headers, job.failures)
-                    job.settled = True
-                else:
-                    self._dead_letter(publisher, job, job.reason)
-            except self._recoverable():
-                raise
-            except Exception as exc:
-                # Its headers could not be sent back (a value AMQP cannot encode, say): dead-letter
-                # it with the body, its properties and only eventbus's own headers.
-                self._dead_letter(
-                    publisher,
-                    job,
-                    f"{job.reason or job.outcome.value}; its headers could not be republished "
-                    f"({type(exc).__name__}: {exc})",
-                    keep_headers=False,
-                )
+            jobs = item if isinstance(item, list) else [item]
+            for i, job in enumerate(jobs):
+                try:
+                    self._settle_one(publisher, generation, acks, partitions, job)
+                except BaseException:
+                    if i + 1 < len(jobs):  # settled after the reconnect (an old generation)
+                        self._done.put(jobs[i + 1 :])
+                    raise
+
+    def _settle_one(
+        self, publisher: Publisher, generation: int, acks: Acks, partitions: set[Acks], job: Job
+    ) -> None:
+        try:
+            if job.generation != generation:
+                return  # its channel is gone; the broker redelivers it
+            settle = acks if job.acks is None else job.acks
+            if settle.closed or job.outcome is Outcome.DROP:
+                return  # never covered by a multiple ack: it stays unsettled
+            if settle is not acks:
+                partitions.add(settle)
+            settle.settled(job.message.delivery_tag)
+            if job.outcome is Outcome.ACK:
+                settle.ack(job.message)
+            elif job.outcome is Outcome.REQUEUE:
+                job.message.reject(True)
+            elif job.outcome is Outcome.RETRY:
+                self._retry(publisher, job)
+            elif job.outcome is Outcome.EXPIRED:
+                self._expired(publisher, job, settle)
+            elif job.outcome is Outcome.EXHAUSTED:
+                headers = self._failure_headers(job, job.failures, job.first_failure or "")
+                self._give_up(publisher, job, headers, job.failures)
                 job.settled = True
-            finally:
-                with self._lock:
-                    self._in_flight -= 1
+            else:
+                self._dead_letter(publisher, job, job.reason)
+        except self._recoverable():
+            raise
+        except Exception as exc:
+            # Its headers could not be sent back (a value AMQP cannot encode, say): dead-letter
+            # it with the body, its properties and only eventbus's own headers.
+            self._dead_letter(
+                publisher,
+                job,
+                f"{job.reason or job.outcome.value}; its headers could not be republished "
+                f"({type(exc).__name__}: {exc})",
+                keep_headers=False,
+            )
+            job.settled = True
+        finally:
+            with self._lock:
+                self._in_flight -= 1
 
     def _failure_headers(self, job: Job, attempt: int, first_failure: str) -> dict[str, Any]:
         """The message's headers plus why and how often it failed (for a retry or dead letter)."""

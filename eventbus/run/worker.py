@@ -29,7 +29,7 @@ from eventbus.logging import redact
 from eventbus.ops import control, metrics
 from eventbus.run.batch import Batches
 from eventbus.run.control import WorkerControl
-from eventbus.run.jobs import Job, Outcome
+from eventbus.run.jobs import GAP, LINGER, Job, Outcome
 from eventbus.run.partitions import Consumers, Lanes, Partitions
 from eventbus.run.settle import Settling
 from eventbus.store.store import EventStore
@@ -95,6 +95,7 @@ class Worker(Settling, Lanes, Batches, WorkerControl):
         self.counts = {"processed": 0, "duplicate": 0, "retried": 0, "dead": 0}
         self._jobs = queues.Queue()
         self._done = queues.Queue()
+        self._arrived: list[Job] = []  # taken on the connection's thread, not handed over yet
         self._insert_processed = processed_recorder(store.engine.dialect.name)
         self._topology = Topology(
             service, store, exchange=exchange, queue_type=queue_type, log=self._log
@@ -319,6 +320,7 @@ class Worker(Settling, Lanes, Batches, WorkerControl):
             balance_at = time.monotonic() + _BALANCE_INTERVAL
 
             def settle() -> None:
+                self._hand_over()
                 self._settle(publisher, generation, acks)
 
             def between() -> None:
@@ -342,9 +344,16 @@ class Worker(Settling, Lanes, Batches, WorkerControl):
             acks.received(delivery.delivery_tag)
             with self._lock:
                 self._in_flight += 1
-            self._jobs.put(Job(generation, handler, delivery))
+            self._arrived.append(Job(generation, handler, delivery))
 
         return take
+
+    def _hand_over(self) -> None:
+        """Give the handler threads what was taken since the last call, as one list: one
+        hand-over per run of frames read, not one per message (connection's thread only)."""
+        if self._arrived:
+            self._jobs.put(self._arrived)
+            self._arrived = []
 
     def _refresh_pauses(self) -> None:
         """Read ``eventbus_paused`` now; on a database error keep what was read last."""
@@ -355,33 +364,67 @@ class Worker(Settling, Lanes, Batches, WorkerControl):
             self._log.warning("worker.pauses_unread", error=redact(f"{type(exc).__name__}: {exc}"))
 
     def _handle_loop(self) -> None:
+        carried: list[Job] = []  # taken beyond the last batch's size: the next batch's start
         while True:
-            first = self._jobs.get()
-            if first is None:
+            batch = self._next_batch(carried)
+            if batch is None:
                 return
-            batch = self._collect(self._jobs, first)
             with self._lock:
                 current = self._generation
             live = []
-            if len(batch) > len([j for j in batch if j.generation == current]):
-                self._wake()
+            done: list[Job] = []  # finished: handed to the connection's thread as one list
+            finish = _finishing_into(done)
             for job in batch:
                 if job.generation != current:
-                    self._finish(job)  # dropped by _settle; the broker redelivers it
+                    finish(job)  # dropped by _settle; the broker redelivers it
                 elif self._stop.is_set() or job.handler.queue in self._paused:
                     job.outcome = Outcome.REQUEUE  # prefetched, not started: back to the queue
-                    self._finish(job)
+                    finish(job)
                 else:
                     live.append(job)
-            if not live:
-                continue
-            if not self._handle_batch_safely(live):
+            if live and not self._handle_batch_safely(live, finish):
                 time.sleep(1.0)
                 for job in live:
                     if not job.finished:
                         job.outcome = Outcome.REQUEUE
-                        self._finish(job)
+                        finish(job)
+            self._done.put(done)
             self._wake()
+
+    def _next_batch(self, carried: list[Job]) -> list[Job] | None:
+        """The jobs carried over, then the lists right behind them, up to ``batch_size`` (the
+        rest carried over again); None once the worker ends. Lingers like ``_collect``: one
+        transaction (and one commit's fsync) per batch is what makes processed records cheap."""
+        if carried:
+            jobs = carried[:]
+        else:
+            first = self._jobs.get()
+            if first is None:
+                return None
+            jobs = first
+        deadline = time.monotonic() + LINGER
+        while len(jobs) < self.batch_size:
+            wait = min(GAP, deadline - time.monotonic())
+            try:
+                more = self._jobs.get(timeout=wait) if wait > 0 else self._jobs.get_nowait()
+            except queues.Empty:
+                break
+            if more is None:
+                self._jobs.put(None)
+                break
+            jobs.extend(more)
+        carried[:] = jobs[self.batch_size :]
+        return jobs[: self.batch_size]
+
+
+def _finishing_into(done: list[Job]) -> Callable[[Job], None]:
+    """A ``finish`` for ``_handle_batch`` that collects the finished jobs in ``done``."""
+
+    def finish(job: Job) -> None:
+        job.finished = True
+        done.append(job)
+
+    return finish
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ Details: docs/replay.md, docs/partitions.md
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -125,7 +126,7 @@ class Handler:
     on_expired: str = "drop"
     owner: Service | None = field(default=None, repr=False, compare=False)
 
-    @property
+    @functools.cached_property  # read many times per event (frozen: set once, in __dict__)
     def queue(self) -> str:
         """The handler's durable queue, ``<service>.<handler>``."""
         return f"{self.service}.{self.name}"
@@ -494,7 +495,5 @@ def _check_retry(owner: str, max_attempts: int, retry_delay: float) -> None:
 
 
 def _wants_context(service: str, name: str, function: HandlerFunction) -> bool:
-    return wants_context(
-        function,
-        f"handler {service}.{name} must take the event (and optionally a Context) as arguments",
-    )
+    refusal = f"handler {service}.{name} must take the event (and optionally a Context)"
+    return wants_context(function, refusal + " as arguments")
