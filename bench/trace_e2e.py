@@ -74,6 +74,18 @@ def install_relay_probes() -> None:
         return result
 
     Outbox.read, Outbox.sequence = traced_read, traced_sequence  # type: ignore[method-assign]
+    if hasattr(Outbox, "sequence_and_read"):
+        both = Outbox.sequence_and_read
+
+        def traced_both(self: Any, after: int, limit: int) -> Any:
+            start = time.time()
+            count, rows = both(self, after, limit)
+            now = time.time()
+            _CALLS.append(("sequence and read", start, now, len(rows)))
+            _MARKS.extend((str(r.event_id), "read", now) for r in rows)
+            return count, rows
+
+        Outbox.sequence_and_read = traced_both  # type: ignore[method-assign]
     Publisher.send, Publisher.wait = traced_send, traced_wait  # type: ignore[method-assign]
 
 
@@ -158,7 +170,7 @@ def report(marks: dict[str, dict[str, float]], calls: list[tuple[str, float, flo
             f"  {a + ' -> ' + b:<34} {percentile(values, 50):8.1f} {percentile(values, 90):8.1f}"
             f" {percentile(values, 99):8.1f} {max(values):8.1f} {sum(values) / len(values):8.1f}"
         )
-    for what in ("sequence", "read", "wait", "worker batch"):
+    for what in ("sequence", "read", "sequence and read", "wait", "worker batch"):
         these = [c for c in calls if c[0] == what]
         if these:
             secs = [(end - start) * 1000 for _, start, end, _ in these]

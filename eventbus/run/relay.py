@@ -129,13 +129,13 @@ class Relay:
         position are numbered (``sequence``) and read once more, then published at once rather
         than waiting for a full window. At the head, the next call numbers before it reads.
         """
-        if self._at_head:  # what is new has no position yet: number it first, read once
-            self._outbox.sequence()
-            rows = self._read(after)
+        if self._at_head:  # what is new has no position yet: number it and read it, at once
+            rows = self._outbox.sequence_and_read(after, self.window)[1]
         else:
             rows = self._read(after)
-            if len(rows) < self.window and self._outbox.sequence():
-                rows = self._read(after)
+            if len(rows) < self.window:
+                numbered, again = self._outbox.sequence_and_read(after, self.window)
+                rows = again if numbered else rows
         self._at_head = len(rows) < self.window
         return rows
 

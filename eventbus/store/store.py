@@ -101,6 +101,7 @@ class EventStore:
 
     def close(self) -> None:
         """Release the engine's pooled connections."""
+        self._notifier.close()
         self.engine.dispose()
 
     # -- writing ---------------------------------------------------------------------------
