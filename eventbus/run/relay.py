@@ -148,42 +148,55 @@ class Relay:
         """Publish windows after position ``after`` until none is left; returns the checkpoint.
 
         The next window is read and encoded while the broker confirms the current one; the
-        checkpoint advances only after a window's confirms. Each window is sent only after the
-        lock is confirmed to be still held (``LeadershipLost`` otherwise).
+        checkpoint advances only after a window's confirms, and is saved once the next window
+        is sent (or before returning). Each window is sent only after the lock is confirmed
+        to be still held (``LeadershipLost`` otherwise).
         """
-        rows = self._pending(after)
-        live, messages = self._outgoing(rows)
-        while rows:
-            self._lock.confirm()
-            sent_at = time.perf_counter()
-            last = int(rows[-1].position)
-            following: Sequence[Any] | None = None
-            try:
-                with tracing.publishing(self.broker_url, self.exchange, live, messages):
-                    publisher.send(messages)
-                    self._metrics.published(len(live))
-                    following = self._pending(last)  # overlaps the broker's confirms
-                    following_live, following_messages = self._outgoing(following)
-                    unroutable = set(publisher.wait())
-            except Exception as exc:
-                if refusal(exc) is None:
-                    raise
-                # The broker refuses an event of this window for good: find it, park it, go on.
-                publisher.reopen()
-                unroutable = one_by_one(publisher, live, messages, self._park)
-                if following is None:
-                    following = self._pending(last)
-                    following_live, following_messages = self._outgoing(following)
-            self._metrics.confirmed(len(live), time.perf_counter() - sent_at, len(unroutable))
-            self._save_checkpoint(last)
-            self.published += len(live)
-            self._log_unroutable(rows, unroutable)
-            self._log.debug("relay.confirmed", count=len(rows), checkpoint=last)
-            after, rows = last, following
-            live, messages = following_live, following_messages
-            publisher.connection.heartbeat_check()
-            if not keep_going():
-                break
+        unsaved: int | None = None  # confirmed, its checkpoint not saved yet
+        try:
+            rows = self._pending(after)
+            live, messages = self._outgoing(rows)
+            while rows:
+                self._lock.confirm()
+                sent_at = time.perf_counter()
+                last = int(rows[-1].position)
+                following: Sequence[Any] | None = None
+                try:
+                    with tracing.publishing(self.broker_url, self.exchange, live, messages):
+                        publisher.send(messages)
+                        self._metrics.published(len(live))
+                        if unsaved is not None:  # the previous window's, off this one's path
+                            self._save_checkpoint(unsaved)
+                            unsaved = None
+                        following = self._pending(last)  # overlaps the broker's confirms
+                        following_live, following_messages = self._outgoing(following)
+                        unroutable = set(publisher.wait())
+                except Exception as exc:
+                    if refusal(exc) is None:
+                        raise
+                    # The broker refuses an event of this window for good: find it, park it.
+                    publisher.reopen()
+                    unroutable = one_by_one(publisher, live, messages, self._park)
+                    if following is None:
+                        following = self._pending(last)
+                        following_live, following_messages = self._outgoing(following)
+                self._metrics.confirmed(len(live), time.perf_counter() - sent_at, len(unroutable))
+                unsaved = last
+                self.published += len(live)
+                self._log_unroutable(rows, unroutable)
+                self._log.debug("relay.confirmed", count=len(rows), checkpoint=last)
+                after, rows = last, following
+                live, messages = following_live, following_messages
+                publisher.connection.heartbeat_check()
+                if not keep_going():
+                    break
+        except BaseException:
+            if unsaved is not None:  # confirmed: fewer duplicates after a restart, if it can
+                with contextlib.suppress(Exception):
+                    self._save_checkpoint(unsaved)
+            raise
+        if unsaved is not None:
+            self._save_checkpoint(unsaved)
         return after
 
     def _outgoing(self, rows: Sequence[Any]) -> tuple[list[Any], list[tuple[str, Message]]]:
