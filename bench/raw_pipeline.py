@@ -1,7 +1,8 @@
 """The raw pipeline of ``bench/bus.py``'s end-to-end row: store -> broker -> handler, no framework.
 
 Processes (all ``spawn``ed by ``bench/bus.py``):
-- appenders: psycopg, 100 rows per transaction into a plain table with a ``bigserial`` id;
+- appenders: psycopg, 100 rows per transaction (one multi-row INSERT) into a plain table with
+  a ``bigserial`` id;
 - a relay: polls that table by id (every 10 ms when idle, as eventbus's relay), publishes each
   window with py-amqp (persistent, ``mandatory``, the same properties and headers as eventbus),
   reads the next window while the broker confirms, awaits the confirms, then moves its
@@ -50,24 +51,23 @@ def create_tables(url: str) -> None:
 
 
 def appender(url: str, k: int, count: int, batch: int, body: str, go: Any) -> None:
-    """Insert ``count`` rows, ``batch`` per transaction (executemany: one round trip)."""
+    """Insert ``count`` rows, ``batch`` per transaction (one multi-row INSERT each)."""
     with psycopg.connect(dsn(url)) as conn:
         conn.execute("SELECT 1")
         conn.commit()
         go.wait()
-        sql = (
-            f"INSERT INTO {TABLE} (event_id, type, occurred_at, stream_id, version, body)"
-            " VALUES (%s, %s, %s, %s, %s, %s)"
-        )
+        columns = "(event_id, type, occurred_at, stream_id, version, body)"
         for first in range(0, count, batch):
             stream = f"raw-{k}-{first}"
             now = dt.datetime.now(dt.UTC)
-            rows = [
-                (uuid.uuid4(), "bench.bus", now, stream, v, body)
-                for v in range(1, min(batch, count - first) + 1)
+            size = min(batch, count - first)
+            values = ", ".join(["(%s, %s, %s, %s, %s, %s)"] * size)
+            params = [
+                x
+                for v in range(1, size + 1)
+                for x in (uuid.uuid4(), "bench.bus", now, stream, v, body)
             ]
-            with conn.cursor() as cur:
-                cur.executemany(sql, rows)
+            conn.execute(f"INSERT INTO {TABLE} {columns} VALUES {values}", params)
             conn.commit()
 
 
