@@ -2,11 +2,13 @@
 
 A relay polling once a minute publishes an event appended while it waits long before the minute
 is over: the append's NOTIFY woke it. With its LISTEN connection killed, it still publishes at
-its poll interval. On SQLite nothing listens or notifies.
+its poll interval. On SQLite nothing listens or notifies. A forked child notifies on a
+connection of its own.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import time
 import uuid
 from collections.abc import Iterator
@@ -117,3 +119,32 @@ def test_nothing_listens_or_notifies_on_sqlite(tmp_path: object) -> None:
         store.append("u-1", [UserLoggedIn(user_id="u-1")])  # no NOTIFY attempted, no error
     finally:
         store.close()
+
+
+def _append_in_child(store: EventStore) -> None:
+    store.engine.dispose(close=False)  # the parent's pooled connections stay the parent's
+    store.append("child", [UserLoggedIn(user_id="child")])
+
+
+def test_a_forked_child_notifies_on_a_connection_of_its_own(
+    pg_store: EventStore, pg_url: str
+) -> None:
+    import psycopg
+
+    def sender() -> int:
+        """The backend pid of the next notification's sender."""
+        (note,) = list(listening.notifies(timeout=30, stop_after=1))
+        return int(note.pid)
+
+    with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as listening:
+        listening.execute(f"LISTEN {CHANNEL}")
+        pg_store.append("parent", [UserLoggedIn(user_id="parent")])  # opens its connection
+        parent = sender()
+        child = mp.get_context("fork").Process(target=_append_in_child, args=(pg_store,))
+        child.start()
+        child.join(60)
+        assert child.exitcode == 0
+        assert sender() != parent, "the child sent on the parent's connection"
+        time.sleep(NOTIFY_EVERY * 10)  # the parent's next append notifies again
+        pg_store.append("parent", [UserLoggedIn(user_id="parent")])
+        assert sender() == parent

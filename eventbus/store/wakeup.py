@@ -10,6 +10,7 @@ polling stays, so nothing depends on one arriving. psycopg 3 only (other drivers
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from typing import Any
 
@@ -44,6 +45,7 @@ class Notifier:
         self.engine = engine
         self.enabled = _psycopg(engine)
         self._raw: Any = None
+        self._pid = os.getpid()
         self._sent_at = 0.0
         self._retry_at = 0.0
 
@@ -54,6 +56,8 @@ class Notifier:
             return
         self._sent_at = now
         try:
+            if self._pid != os.getpid():  # a forked child: the parent's connection is not its
+                self._raw, self._pid = None, os.getpid()
             if self._raw is None:
                 self._raw = _own_connection(self.engine)
             pgconn = self._raw.pgconn
