@@ -61,6 +61,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
+import raw_pipeline  # noqa: E402
+
 from eventbus import Event, EventStore, Relay, Service, Worker, configure_logging  # noqa: E402
 from eventbus.bus.wire import Message, encode  # noqa: E402
 from eventbus.store.migrate import upgrade  # noqa: E402
@@ -620,6 +622,57 @@ def run_appenders(
     return start, time.time()
 
 
+def bench_raw_pipeline(bench: Bench) -> float:
+    """The raw pipeline (``bench/raw_pipeline.py``): events/s from the first append to the
+    last handler call, with the same N, appender processes and appends of 100."""
+    args, n = bench.args, bench.n
+    raw_pipeline.create_tables(bench.db)
+    exchange = bench.exchange("raw-e2e")
+    queue = f"bench-raw-e2e-{bench.tag}"
+    bench.declare_queue(queue, exchange, BenchEvent.routing_key)
+    body = encode(new_events(1)[0])[0].decode()
+    parts = parse_url(bench.amqp)
+    host, port = parts["hostname"], parts["port"] or 5672
+    spawn = mp.get_context("spawn")
+    relay_ready, consumer_ready, result = spawn.Event(), spawn.Event(), spawn.Queue()
+    key = BenchEvent.routing_key
+    relay = spawn.Process(
+        target=raw_pipeline.relay,
+        args=(bench.db, host, port, exchange, key, n, 500, relay_ready),
+    )
+    consumer = spawn.Process(
+        target=raw_pipeline.consumer, args=(bench.db, host, port, queue, n, consumer_ready, result)
+    )
+    bench.procs += [relay, consumer]
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        relay.start()
+        consumer.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    bench.wait(
+        "the raw relay and consumer", lambda: relay_ready.is_set() and consumer_ready.is_set(), 60
+    )
+    per = [n // args.appenders + (k < n % args.appenders) for k in range(args.appenders)]
+    start, _ = run_appenders(
+        raw_pipeline.appender,
+        lambda k, go: (bench.db, k, per[k], 100, body, go),
+        args.appenders,
+        bench,
+    )
+    last = result.get(timeout=120 + n / 200)
+    for p in (relay, consumer):
+        p.join(60)
+        if p.exitcode:
+            raise SystemExit(f"a raw pipeline process failed with exit code {p.exitcode}")
+    if raw_pipeline.processed(bench.db) != n:
+        raise SystemExit(
+            f"the raw consumer recorded {raw_pipeline.processed(bench.db)}, expected {n}"
+        )
+    print(f"  raw pipeline: {n / (last - start):,.0f}/s", flush=True)
+    return n / (last - start)
+
+
 def eventbus_command(bench: Bench, *args: str, env: dict[str, str] | None = None) -> Any:
     cmd = [sys.executable, "-m", "eventbus", "--log-level", "WARNING", *args]
     cmd += ["--broker-url", bench.amqp, "--database-url", bench.db]
@@ -822,7 +875,10 @@ def main() -> None:
                         "Dramatiq worker, 1 thread, prefetch 100": bench_dramatiq(bench, messages),
                     }
                     rows += peer_rows(w1, raw, peers)
-                e2e = bench_end_to_end(bench) if "e2e" in only else None
+                e2e = None
+                if "e2e" in only:
+                    raw_e2e = bench_raw_pipeline(bench)
+                    e2e = bench_end_to_end(bench) | {"raw": raw_e2e}
             finally:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
                 if bench is not None:
@@ -842,28 +898,37 @@ def main() -> None:
         f"{e2e['append_rate']:,.0f} events/s); latency: {e2e['paced']:,} single-event appends from"
     )
     print(f"{args.paced_appenders} processes paced at {args.rate:,.0f}/s, append -> handler call.")
+    if e2e["paced_rate"] < 0.95 * args.rate:
+        print(
+            f"The paced appenders reached only {e2e['paced_rate']:,.0f} of the {args.rate:,.0f}"
+            " appends/s asked (each appends one event at a time and waits for its commit): the"
+            " latency row does not measure the target rate."
+        )
     print()
     print_table(rows)
 
 
 def e2e_rows(args: argparse.Namespace, e2e: dict[str, float]) -> list[tuple[str, ...]]:
     latency = " / ".join(f"{e2e[k]:.1f}" for k in ("p50", "p95", "p99", "max")) + " ms"
+    # The paced appenders are one process per 1/paced_appenders of the rate, one append at a
+    # time: on a busy machine they fall behind, and the row does not measure the target.
+    reached = e2e["paced_rate"] >= 0.95 * args.rate
     return [
         (
             f"end to end, appends of 100 ({args.appenders} appenders)",
             f"{e2e['rate']:,.0f}/s",
-            "",
-            "",
-            ">= 5,000/s",
-            "pass" if e2e["rate"] >= 5000 else "FAIL",
+            f"{e2e['raw']:,.0f}/s",
+            f"{e2e['rate'] / e2e['raw']:.0%}",
+            ">= 80%",
+            "pass" if e2e["rate"] >= 0.8 * e2e["raw"] else "FAIL",
         ),
         (
-            f"latency p50/p95/p99/max at {e2e['paced_rate']:,.0f}/s",
+            f"latency p50/p95/p99/max at {e2e['paced_rate']:,.0f}/s of {args.rate:,.0f}/s",
             latency,
             "",
             "",
             "p99 < 50 ms",
-            "pass" if e2e["p99"] < 50 else "FAIL",
+            ("pass" if e2e["p99"] < 50 else "FAIL") if reached else "rate not reached",
         ),
     ]
 

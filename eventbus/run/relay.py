@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import select
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ from eventbus.store import parked as parking
 from eventbus.store.sequencer import Outbox
 from eventbus.store.store import EventStore
 from eventbus.store.tables import relay_checkpoints as C
+from eventbus.store.wakeup import Listener
 
 log = structlog.get_logger("eventbus.relay")
 
@@ -84,6 +86,8 @@ class Relay:
         self._outbox = Outbox(store.engine)
         self._backoff = Backoff(self._log, "relay.retrying", max_backoff)
         self._lock = leadership(store.engine, broker_url, lock_key(name, exchange), name)
+        self._listener: Listener | None = None  # woken by appends' NOTIFY (store.wakeup)
+        self._listen_at = 0.0
 
     @property
     def is_active(self) -> bool:
@@ -125,13 +129,13 @@ class Relay:
         position are numbered (``sequence``) and read once more, then published at once rather
         than waiting for a full window. At the head, the next call numbers before it reads.
         """
-        if self._at_head:  # what is new has no position yet: number it first, read once
-            self._outbox.sequence()
-            rows = self._read(after)
+        if self._at_head:  # what is new has no position yet: number it and read it, at once
+            rows = self._outbox.sequence_and_read(after, self.window)[1]
         else:
             rows = self._read(after)
-            if len(rows) < self.window and self._outbox.sequence():
-                rows = self._read(after)
+            if len(rows) < self.window:
+                numbered, again = self._outbox.sequence_and_read(after, self.window)
+                rows = again if numbered else rows
         self._at_head = len(rows) < self.window
         return rows
 
@@ -144,42 +148,55 @@ class Relay:
         """Publish windows after position ``after`` until none is left; returns the checkpoint.
 
         The next window is read and encoded while the broker confirms the current one; the
-        checkpoint advances only after a window's confirms. Each window is sent only after the
-        lock is confirmed to be still held (``LeadershipLost`` otherwise).
+        checkpoint advances only after a window's confirms, and is saved once the next window
+        is sent (or before returning). Each window is sent only after the lock is confirmed
+        to be still held (``LeadershipLost`` otherwise).
         """
-        rows = self._pending(after)
-        live, messages = self._outgoing(rows)
-        while rows:
-            self._lock.confirm()
-            sent_at = time.perf_counter()
-            last = int(rows[-1].position)
-            following: Sequence[Any] | None = None
-            try:
-                with tracing.publishing(self.broker_url, self.exchange, live, messages):
-                    publisher.send(messages)
-                    self._metrics.published(len(live))
-                    following = self._pending(last)  # overlaps the broker's confirms
-                    following_live, following_messages = self._outgoing(following)
-                    unroutable = set(publisher.wait())
-            except Exception as exc:
-                if refusal(exc) is None:
-                    raise
-                # The broker refuses an event of this window for good: find it, park it, go on.
-                publisher.reopen()
-                unroutable = one_by_one(publisher, live, messages, self._park)
-                if following is None:
-                    following = self._pending(last)
-                    following_live, following_messages = self._outgoing(following)
-            self._metrics.confirmed(len(live), time.perf_counter() - sent_at, len(unroutable))
-            self._save_checkpoint(last)
-            self.published += len(live)
-            self._log_unroutable(rows, unroutable)
-            self._log.debug("relay.confirmed", count=len(rows), checkpoint=last)
-            after, rows = last, following
-            live, messages = following_live, following_messages
-            publisher.connection.heartbeat_check()
-            if not keep_going():
-                break
+        unsaved: int | None = None  # confirmed, its checkpoint not saved yet
+        try:
+            rows = self._pending(after)
+            live, messages = self._outgoing(rows)
+            while rows:
+                self._lock.confirm()
+                sent_at = time.perf_counter()
+                last = int(rows[-1].position)
+                following: Sequence[Any] | None = None
+                try:
+                    with tracing.publishing(self.broker_url, self.exchange, live, messages):
+                        publisher.send(messages)
+                        self._metrics.published(len(live))
+                        if unsaved is not None:  # the previous window's, off this one's path
+                            self._save_checkpoint(unsaved)
+                            unsaved = None
+                        following = self._pending(last)  # overlaps the broker's confirms
+                        following_live, following_messages = self._outgoing(following)
+                        unroutable = set(publisher.wait())
+                except Exception as exc:
+                    if refusal(exc) is None:
+                        raise
+                    # The broker refuses an event of this window for good: find it, park it.
+                    publisher.reopen()
+                    unroutable = one_by_one(publisher, live, messages, self._park)
+                    if following is None:
+                        following = self._pending(last)
+                        following_live, following_messages = self._outgoing(following)
+                self._metrics.confirmed(len(live), time.perf_counter() - sent_at, len(unroutable))
+                unsaved = last
+                self.published += len(live)
+                self._log_unroutable(rows, unroutable)
+                self._log.debug("relay.confirmed", count=len(rows), checkpoint=last)
+                after, rows = last, following
+                live, messages = following_live, following_messages
+                publisher.connection.heartbeat_check()
+                if not keep_going():
+                    break
+        except BaseException:
+            if unsaved is not None:  # confirmed: fewer duplicates after a restart, if it can
+                with contextlib.suppress(Exception):
+                    self._save_checkpoint(unsaved)
+            raise
+        if unsaved is not None:
+            self._save_checkpoint(unsaved)
         return after
 
     def _outgoing(self, rows: Sequence[Any]) -> tuple[list[Any], list[tuple[str, Message]]]:
@@ -289,6 +306,7 @@ class Relay:
             raise
         finally:
             self._stop.set()  # the lag thread ends with this run, however it ends
+            self._stop_listening()
             self._set_active(False)
             self._lock.release()
             lag.join(timeout=10)
@@ -358,16 +376,54 @@ class Relay:
                 self._backoff.wait(exc, self._stop)
 
     def _idle(self, conn: kombu.Connection, amqp: bool) -> None:
-        """Wait ``poll_interval`` for new events; on AMQP, read what the broker sends meanwhile.
+        """Wait ``poll_interval`` for new events, or until an append's NOTIFY (PostgreSQL,
+        ``store.wakeup``) says one committed; on AMQP, read what the broker sends meanwhile.
 
         Its heartbeats count only once read: a relay that merely slept at the head would take
         the broker for dead after two heartbeat intervals and reconnect, every minute or so.
         """
-        if not amqp:
+        listener = self._listening()
+        if not amqp and listener is None:
             self._stop.wait(self.poll_interval)
             return
-        with contextlib.suppress(TimeoutError):
-            conn.drain_events(timeout=self.poll_interval)
+        sock = conn.connection.sock if amqp else None
+        watched = [s for s in (sock, listener) if s is not None]
+        deadline = time.monotonic() + self.poll_interval
+        while not self._stop.is_set():
+            pending = getattr(sock, "pending", None)  # TLS: decrypted bytes already read
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if pending and pending():
+                ready = [sock]
+            else:
+                ready = select.select(watched, [], [], min(remaining, 1.0))[0]
+            if sock is not None:
+                if sock in ready:
+                    with contextlib.suppress(TimeoutError):
+                        conn.drain_events(timeout=0)
+                conn.heartbeat_check()
+            if listener is not None and listener in ready:
+                try:
+                    listener.drain()
+                except Exception as exc:  # its connection is gone: poll, listen again later
+                    self._stop_listening(exc)
+                return
+
+    def _listening(self) -> Listener | None:
+        """The LISTEN connection (opened on first use; after a failure, tried again in 5 s)."""
+        if self._listener is None and time.monotonic() >= self._listen_at:
+            self._listener = Listener.open(self.store.engine)
+            self._listen_at = time.monotonic() + 5.0
+        return self._listener
+
+    def _stop_listening(self, exc: BaseException | None = None) -> None:
+        if exc is not None:
+            self._log.debug("relay.listen_lost", error=redact(f"{type(exc).__name__}: {exc}"))
+        if self._listener is not None:
+            self._listener.close()
+        self._listener = None
+        self._listen_at = time.monotonic() + 5.0
 
     def _set_active(self, active: bool) -> None:
         self._active = active

@@ -45,8 +45,13 @@ def sequence(engine: Engine) -> int:
     if engine.dialect.name == "sqlite":
         return 0
     with engine.begin() as conn:
-        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SEQUENCER_LOCK)))
-        count = int(conn.execute(_SEQUENCE, {"limit": _BATCH}).rowcount)
+        return _sequence(conn)
+
+
+def _sequence(conn: Connection) -> int:
+    """``sequence`` in ``conn``'s transaction (the lock is held until it ends)."""
+    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SEQUENCER_LOCK)))
+    count = int(conn.execute(_SEQUENCE, {"limit": _BATCH}).rowcount)
     if count:
         log.debug("sequenced", count=count)
     return count
@@ -95,6 +100,16 @@ class Outbox:
     def sequence(self) -> int:
         """Number what committed since (``sequence``); returns how many rows got a position."""
         return sequence(self.engine)
+
+    def sequence_and_read(self, after: int, limit: int) -> tuple[int, Sequence[Any]]:
+        """``sequence``, then ``read``, in one transaction committed before it returns: the
+        relay at the head numbers and reads with two round trips fewer. (count, rows)."""
+        if self.engine.dialect.name == "sqlite":
+            return 0, self.read(after, limit)
+        with self.engine.begin() as conn:
+            count = _sequence(conn)
+            rows = conn.execute(self._query.where(T.c.position > after).limit(limit)).all()
+        return count, rows
 
     def read(self, after: int, limit: int) -> Sequence[Any]:
         """Up to ``limit`` rows after position ``after``."""

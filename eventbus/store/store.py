@@ -39,6 +39,7 @@ from eventbus.store.keys import KeyRing
 from eventbus.store.limits import encoded_payload, max_event_bytes_setting
 from eventbus.store.rows import EVENT_ID, INSERT_ONE, KEY, POSITION, STREAM, TYPE, event_of, row_of
 from eventbus.store.tables import events as T
+from eventbus.store.wakeup import Notifier
 
 log = structlog.get_logger("eventbus.store")
 
@@ -94,9 +95,11 @@ class EventStore:
         self.page_size = page_size
         self.keys = KeyRing(self.engine, master_key)  # else EVENTBUS_MASTER_KEY (personal data)
         self._sequenced = self.engine.dialect.name != "sqlite"
+        self._notifier = Notifier(self.engine)
 
     def close(self) -> None:
         """Release the engine's pooled connections."""
+        self._notifier.close()
         self.engine.dispose()
 
     # -- writing ---------------------------------------------------------------------------
@@ -151,7 +154,7 @@ class EventStore:
         for attempt in range(_RETRIES):
             try:
                 with self.engine.begin() as conn:
-                    return self._append(
+                    stored = self._append(
                         conn, stream_id, batch, payloads, headers, expected_version, attempt > 0
                     )
             except sa.exc.IntegrityError:
@@ -159,6 +162,9 @@ class EventStore:
                 if attempt == _RETRIES - 1:
                     raise
                 _backoff(attempt)
+                continue
+            self._notifier.committed()  # wake the relay now (PostgreSQL; store.wakeup)
+            return stored
         raise AssertionError("unreachable")
 
     def _append(
