@@ -151,7 +151,7 @@ def wait_for_frames(conn: kombu.Connection, sock: Any, wake_fd: int, busy: bool)
         return
     amqp_conn = conn.connection
     transport = amqp_conn.transport
-    if type(transport) is amqp.transport.TCPTransport:
+    if type(transport) is amqp.transport.TCPTransport and hasattr(transport, "_read_buffer"):
         if not _whole_frame(transport._read_buffer):
             if not _select(sock, wake_fd):
                 return
