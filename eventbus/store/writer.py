@@ -179,7 +179,7 @@ class _Plan:
         # ids, hence the positions, follow the stream versions).
         arrays = [c for c in columns if c != "stream_id"]
         self.stream_at = columns.index("stream_id")
-        unnest = ", ".join(f"%s::{sql_type(c)}[]" for c in arrays)
+        unnest = ", ".join(f"%b::{sql_type(c)}[]" for c in arrays)  # binary: no escaping
         picked = ", ".join("%s" if c == "stream_id" else cast(c, f"e.{c}") for c in columns)
         self.many = (
             f"INSERT INTO {T.name} ({names}, stream_version) SELECT {picked}, current.v + e.n "
