@@ -29,6 +29,7 @@ from eventbus.errors import (
     UnknownEventType,
 )
 from eventbus.events import personal
+from eventbus.events.fastdump import Dumper, compile_dumper
 from eventbus.events.fastload import Loader, compile_loader
 from eventbus.events.values import refusals
 
@@ -163,6 +164,7 @@ class Event:
     _fields: ClassVar[dict[str, fields.Field[Any]]] = {}
     _schema: ClassVar[marshmallow.Schema]
     _fast_load: ClassVar[Loader | None] = None
+    _fast_dump: ClassVar[Dumper | None] = None
     _naive_ok: ClassVar[bool] = True  # a field that may load a naive datetime
     _upcasters: ClassVar[dict[int, Upcaster]]
     _abstract: ClassVar[bool] = True
@@ -192,6 +194,7 @@ class Event:
         cls._fields = _collect_fields(cls)
         cls._schema = marshmallow.Schema.from_dict(cls._fields, name=f"{cls.__name__}Schema")()
         cls._fast_load = compile_loader(cls._fields)
+        cls._fast_dump = compile_dumper(cls._schema)
         cls._naive_ok = any(
             f.__class__ in (fields.DateTime, fields.NaiveDateTime, fields.Raw)
             for f in cls._fields.values()
@@ -239,7 +242,7 @@ class Event:
         errors: dict[str, Any] = {}
         values = _load(cls, payload, errors)
         if not errors:  # what validates must also be what the store and the wire carry
-            errors.update(refusals(cls._schema.dump(values)))
+            errors.update(refusals(dump_payload(cls, values)))
         if cls.personal_fields and not errors:
             errors.update(personal.subject_problems(cls, values))
         envelope = _envelope(event_id, occurred_at, correlation_id, causation_id, errors)
@@ -378,6 +381,14 @@ def check_priority(priority: object, what: str) -> int:
 def _same_definition(a: type[Event], b: type[Event]) -> bool:
     # Re-executing the same module (importlib.reload, a script run twice) redefines the same class.
     return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
+
+
+def dump_payload(cls: type[Event], values: Mapping[str, Any]) -> dict[str, Any]:
+    """``cls``'s schema's dump of these field values (``fastdump`` when it applies)."""
+    if cls._fast_dump is not None:
+        return cls._fast_dump(values)
+    dumped: dict[str, Any] = cls._schema.dump(values)
+    return dumped
 
 
 def _load(cls: type[Event], data: Mapping[str, Any], errors: dict[str, Any]) -> dict[str, Any]:
