@@ -3,15 +3,18 @@ general path wrote, the pooled connection goes back as it came, and errors are S
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from eventbus import EventStore
 from eventbus.errors import ConcurrencyError, DuplicateEventError
 from eventbus.events.model import Event
 from eventbus.store.tables import events as T
+from eventbus.store.writer import _processor
 from tests.events_fixtures import Counted, UserLoggedIn
 
 
@@ -93,3 +96,26 @@ def test_a_repeated_event_id_in_a_new_stream_is_refused_and_writes_nothing(
         store.append("b", [Counted(n=2), event])
     assert store.stream_version("b") == 0
     assert store.append("b", [Counted(n=3, event_id=uuid.uuid4())])[0].stream_version == 1
+
+
+@pytest.mark.parametrize("dialect", [sqlite.dialect(), postgresql.psycopg.dialect()])
+def test_the_quick_value_conversions_give_what_sqlalchemy_binds(dialect: sa.Dialect) -> None:
+    zones = [
+        dt.UTC,
+        dt.timezone(dt.timedelta(hours=5, minutes=30)),
+        dt.timezone(-dt.timedelta(hours=8)),
+    ]
+    moments = [
+        dt.datetime(2026, 12, 3, 19, 54, 13, micro, tzinfo=zone)
+        for zone in zones
+        for micro in (0, 1, 999_999)
+    ] + [dt.datetime(999, 1, 1, tzinfo=dt.UTC), dt.datetime(2024, 2, 29, 23, 59, 59, tzinfo=dt.UTC)]
+    for column, values in (
+        ("occurred_at", moments),
+        ("event_id", [uuid.uuid4(), uuid.UUID(int=1)]),
+    ):
+        kind = T.c[column].type
+        theirs = kind.dialect_impl(dialect).bind_processor(dialect) or (lambda value: value)
+        ours = _processor(kind, dialect) or (lambda value: value)
+        for value in values:
+            assert ours(value) == theirs(value) and type(ours(value)) is type(theirs(value))

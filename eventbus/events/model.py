@@ -31,6 +31,7 @@ from eventbus.errors import (
 from eventbus.events import personal
 from eventbus.events.fastdump import Dumper, compile_dumper
 from eventbus.events.fastload import Loader, compile_loader
+from eventbus.events.ids import new_event_id
 from eventbus.events.values import refusals
 
 __all__ = ["Event", "Upcaster", "event_class", "registered_types"]
@@ -420,7 +421,7 @@ def _envelope(
 ) -> dict[str, Any]:
     env: dict[str, Any] = {"stream_id": None, "stream_version": None, "position": None}
     if event_id is None:
-        env["event_id"] = uuid.uuid4()
+        env["event_id"] = new_event_id()
     elif isinstance(event_id, uuid.UUID):
         env["event_id"] = event_id
     else:
