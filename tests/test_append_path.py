@@ -3,8 +3,13 @@ general path wrote, the pooled connection goes back as it came, and errors are S
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import gc
+import sqlite3
+import threading
 import uuid
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -13,6 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from eventbus import EventStore
 from eventbus.errors import ConcurrencyError, DuplicateEventError
 from eventbus.events.model import Event
+from eventbus.store.migrate import upgrade
 from eventbus.store.tables import events as T
 from eventbus.store.writer import _processor
 from tests.events_fixtures import Counted, UserLoggedIn
@@ -119,3 +125,45 @@ def test_the_quick_value_conversions_give_what_sqlalchemy_binds(dialect: sa.Dial
         ours = _processor(kind, dialect) or (lambda value: value)
         for value in values:
             assert ours(value) == theirs(value) and type(ours(value)) is type(theirs(value))
+
+
+def open_sqlite_connections() -> int:
+    """How many sqlite3 connections of this process are open (file descriptors are no measure:
+    SQLite keeps a closed connection's descriptor while another one holds a lock)."""
+    count = 0
+    for thing in gc.get_objects():
+        if isinstance(thing, sqlite3.Connection):
+            with contextlib.suppress(sqlite3.ProgrammingError):  # closed
+                count += thing.total_changes >= 0
+    return count
+
+
+def test_appending_threads_keep_sqlite_connections_of_their_own_until_they_end(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    upgrade(url)
+    store = EventStore(url)
+    store.append("main", [Counted(n=0)])
+    assert store.engine.pool.checkedout() == 0  # out of the pool: it makes others as needed
+    start = threading.Barrier(4)
+
+    def writer(name: str) -> None:
+        start.wait()
+        for i in range(25):
+            store.append(name, [Counted(n=i)], expected_version=i)
+
+    threads = [threading.Thread(target=writer, args=(f"t{k}",)) for k in range(4)]
+    gc.collect()
+    before = open_sqlite_connections()  # with the main thread's own
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    gc.collect()  # the ended threads' connections are closed with their thread's storage
+    assert open_sqlite_connections() == before
+    assert [store.stream_version(f"t{k}") for k in range(4)] == [25] * 4
+    assert [e.position for e in store.read_all()] == list(range(1, 102))
+    store.close()
+    gc.collect()
+    assert open_sqlite_connections() == before - 1  # the main thread's own closed too

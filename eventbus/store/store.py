@@ -100,7 +100,8 @@ class EventStore:
         self._writer = DriverWriter(self.engine)
 
     def close(self) -> None:
-        """Release the engine's pooled connections."""
+        """Release the engine's pooled connections (and the appending threads' own)."""
+        self._writer.close()
         self.engine.dispose()
 
     # -- writing ---------------------------------------------------------------------------
