@@ -18,7 +18,7 @@ import orjson
 
 from eventbus.errors import EventValidationError, UnsupportedVersion
 from eventbus.events import forgotten as _forgotten  # noqa: F401 (registers subject.forgotten)
-from eventbus.events.model import Event, _envelope, _fill, _load, event_class
+from eventbus.events.model import Event, _envelope, _fill, _load, dump_payload, event_class
 from eventbus.events.personal import has_forgotten, load_forgetting, scrub
 
 __all__ = ["decode_event", "dumps", "encode_payload", "loads", "upcast"]
@@ -26,8 +26,7 @@ __all__ = ["decode_event", "dumps", "encode_payload", "loads", "upcast"]
 
 def encode_payload(event: Event) -> dict[str, Any]:
     """The event's payload as JSON-compatible values (what the store and the wire carry)."""
-    data: dict[str, Any] = event._schema.dump(event.payload)
-    return data
+    return dump_payload(type(event), event.__dict__)
 
 
 def decode_event(

@@ -29,7 +29,9 @@ from eventbus.errors import (
     UnknownEventType,
 )
 from eventbus.events import personal
+from eventbus.events.fastdump import Dumper, compile_dumper
 from eventbus.events.fastload import Loader, compile_loader
+from eventbus.events.ids import new_event_id
 from eventbus.events.values import refusals
 
 __all__ = ["Event", "Upcaster", "event_class", "registered_types"]
@@ -163,6 +165,7 @@ class Event:
     _fields: ClassVar[dict[str, fields.Field[Any]]] = {}
     _schema: ClassVar[marshmallow.Schema]
     _fast_load: ClassVar[Loader | None] = None
+    _fast_dump: ClassVar[Dumper | None] = None
     _naive_ok: ClassVar[bool] = True  # a field that may load a naive datetime
     _upcasters: ClassVar[dict[int, Upcaster]]
     _abstract: ClassVar[bool] = True
@@ -192,6 +195,7 @@ class Event:
         cls._fields = _collect_fields(cls)
         cls._schema = marshmallow.Schema.from_dict(cls._fields, name=f"{cls.__name__}Schema")()
         cls._fast_load = compile_loader(cls._fields)
+        cls._fast_dump = compile_dumper(cls._schema)
         cls._naive_ok = any(
             f.__class__ in (fields.DateTime, fields.NaiveDateTime, fields.Raw)
             for f in cls._fields.values()
@@ -239,7 +243,7 @@ class Event:
         errors: dict[str, Any] = {}
         values = _load(cls, payload, errors)
         if not errors:  # what validates must also be what the store and the wire carry
-            errors.update(refusals(cls._schema.dump(values)))
+            errors.update(refusals(dump_payload(cls, values)))
         if cls.personal_fields and not errors:
             errors.update(personal.subject_problems(cls, values))
         envelope = _envelope(event_id, occurred_at, correlation_id, causation_id, errors)
@@ -380,6 +384,14 @@ def _same_definition(a: type[Event], b: type[Event]) -> bool:
     return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
+def dump_payload(cls: type[Event], values: Mapping[str, Any]) -> dict[str, Any]:
+    """``cls``'s schema's dump of these field values (``fastdump`` when it applies)."""
+    if cls._fast_dump is not None:
+        return cls._fast_dump(values)
+    dumped: dict[str, Any] = cls._schema.dump(values)
+    return dumped
+
+
 def _load(cls: type[Event], data: Mapping[str, Any], errors: dict[str, Any]) -> dict[str, Any]:
     fast = cls._fast_load(data) if cls._fast_load is not None else None
     if fast is not None:  # aware datetimes checked already, unless a field may be naive
@@ -409,7 +421,7 @@ def _envelope(
 ) -> dict[str, Any]:
     env: dict[str, Any] = {"stream_id": None, "stream_version": None, "position": None}
     if event_id is None:
-        env["event_id"] = uuid.uuid4()
+        env["event_id"] = new_event_id()
     elif isinstance(event_id, uuid.UUID):
         env["event_id"] = event_id
     else:

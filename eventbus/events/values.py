@@ -34,6 +34,8 @@ def text_problem(text: str) -> str | None:
     """Why ``text`` cannot be stored (NUL, an unpaired surrogate), or None."""
     if "\x00" in text:
         return "contains NUL (\\x00), which PostgreSQL cannot store"
+    if text.isascii():  # no surrogate then; the flag is kept with the string, no scan
+        return None
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:

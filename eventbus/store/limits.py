@@ -34,13 +34,14 @@ def max_event_bytes_setting(given: int | None) -> int:
     return given
 
 
-def encoded_payload(event: Event, limit: int) -> dict[str, Any]:
-    """The event's encoded payload; ``EventValidationError`` naming its largest field when the
-    payload's JSON is over ``limit`` bytes."""
+def encoded_payload(event: Event, limit: int) -> tuple[dict[str, Any], bytes]:
+    """The event's encoded payload and its JSON; ``EventValidationError`` naming its largest
+    field when the JSON is over ``limit`` bytes."""
     payload = encode_payload(event)
-    size = len(dumps(payload))
+    text = dumps(payload)
+    size = len(text)
     if size <= limit:
-        return payload
+        return payload, text
     sizes = {name: len(dumps(value)) for name, value in payload.items()} or {"payload": size}
     largest = max(sizes, key=sizes.__getitem__)
     raise EventValidationError(

@@ -42,7 +42,7 @@ INSERT_ONE = (
 
 
 def row_of(
-    event: Event, payload: dict[str, Any], stream_id: str, version: int, position: int | None
+    event: Event, payload: Any, stream_id: str, version: int, position: int | None
 ) -> dict[str, Any]:
     return {
         "position": position,

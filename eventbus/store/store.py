@@ -40,6 +40,7 @@ from eventbus.store.limits import encoded_payload, max_event_bytes_setting
 from eventbus.store.rows import EVENT_ID, INSERT_ONE, KEY, POSITION, STREAM, TYPE, event_of, row_of
 from eventbus.store.tables import events as T
 from eventbus.store.wakeup import Notifier
+from eventbus.store.writer import DriverWriter
 
 log = structlog.get_logger("eventbus.store")
 
@@ -96,10 +97,12 @@ class EventStore:
         self.keys = KeyRing(self.engine, master_key)  # else EVENTBUS_MASTER_KEY (personal data)
         self._sequenced = self.engine.dialect.name != "sqlite"
         self._notifier = Notifier(self.engine)
+        self._writer = DriverWriter(self.engine)
 
     def close(self) -> None:
-        """Release the engine's pooled connections."""
+        """Release the engine's pooled connections (and the appending threads' own)."""
         self._notifier.close()
+        self._writer.close()
         self.engine.dispose()
 
     # -- writing ---------------------------------------------------------------------------
@@ -136,9 +139,23 @@ class EventStore:
         ids = [e.event_id for e in batch]
         if len(set(ids)) != len(ids):
             raise StoreError(f"append to {stream_id!r}: the batch repeats an event id")
-        payloads = [encoded_payload(event, self.max_event_bytes) for event in batch]
+        encoded = [encoded_payload(event, self.max_event_bytes) for event in batch]
+        payloads = [payload for payload, _ in encoded]
         trace = tracing.inject_headers()
         headers = [delivery_headers(event, priority, trace) for event in batch]
+        first = 0
+        if connection is None and not any(e.personal_fields for e in batch):
+            # The common case, through the driver: nothing to seal, the store's own transaction.
+            try:
+                stored = self._writer.append(stream_id, batch, encoded, headers, expected_version)
+            except sa.exc.IntegrityError:
+                _backoff(0)
+                first = 1  # a concurrent writer or a repeat: the general path looks again
+            else:
+                if stored is not None:
+                    self._notifier.committed()  # wake the relay now (PostgreSQL; store.wakeup)
+                    return stored
+                # Not at expected_version: the general path says why (a repeat, or a conflict).
         if connection is not None:
             conn = connection.connection() if isinstance(connection, Session) else connection
             for attempt in range(_RETRIES):
@@ -151,7 +168,7 @@ class EventStore:
                     if attempt == _RETRIES - 1:
                         raise
                     _backoff(attempt)
-        for attempt in range(_RETRIES):
+        for attempt in range(first, _RETRIES):
             try:
                 with self.engine.begin() as conn:
                     stored = self._append(
