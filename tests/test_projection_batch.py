@@ -20,6 +20,7 @@ from eventbus.errors import ReplayStopped
 from eventbus.events.model import Event
 from eventbus.run.worker import running
 from eventbus.store.tables import failures
+from eventbus.subscribe import feed
 from eventbus.subscribe.subscriptions import Context
 from tests.conftest import Broker, wait_for
 from tests.events_fixtures import ImageUploaded, UserLoggedIn
@@ -143,6 +144,27 @@ def test_a_poison_event_stops_a_batch_replay_at_its_position(
         replay(store, proj.handlers["projection"])
     assert model(store, tables[0]) == [(str(e.event_id), e.position) for e in stored[:12]]
     assert checkpoint_of(store, proj.handlers["projection"].queue) == (stored[12].position or 0) - 1
+
+
+@pytest.mark.parametrize("chunk", [5000, 10])
+def test_a_batch_replay_fills_its_chunks_across_pages(
+    store: EventStore,
+    tables: tuple[sa.Table, sa.Table],
+    chunk: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(feed, "BATCH_REPLAY_CHUNK", chunk)
+    store.page_size = 7  # 30 events come in 5 pages
+    stored = positioned(
+        store, store.append("u", [UserLoggedIn(user_id=f"u{i}") for i in range(30)])
+    )
+    calls: list[int] = []
+    proj = batch_projection(tables[0], calls)
+    report = replay(store, proj.handlers["projection"])
+    assert calls == ([30] if chunk == 5000 else [10, 10, 10])  # not a call per page of 7
+    assert report.applied == 30
+    assert model(store, tables[0]) == [(str(e.event_id), e.position) for e in stored]
+    assert checkpoint_of(store, proj.handlers["projection"].queue) == store.head()
 
 
 KILLED_REPLAY = """

@@ -265,14 +265,34 @@ def key_id_of(value: Any) -> str | None:
     return None
 
 
+_CIPHERS: dict[bytes, Any] = {}  # data key -> its AESGCM: replays unseal many values per key
+_MAX_CIPHERS = 4096  # then the cache starts over (a key is used only if the store still has it)
+
+
+def _cipher(key: bytes) -> Any:
+    cipher = _CIPHERS.get(key)
+    if cipher is None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        if len(_CIPHERS) >= _MAX_CIPHERS:
+            _CIPHERS.clear()
+        cipher = _CIPHERS[key] = AESGCM(key)
+    return cipher
+
+
+def drop_ciphers() -> None:
+    """Forget every cached cipher (after a subject's key was deleted)."""
+    _CIPHERS.clear()
+
+
 def unseal(key: bytes, token: str, event_id: uuid.UUID, name: str) -> bytes:
     """The JSON ``seal`` sealed (``{"v": value}``); ``ValueError`` if it does not authenticate."""
     from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     try:
         sealed = base64.urlsafe_b64decode(token[_SEP + 1 :])
-        return AESGCM(key).decrypt(sealed[:_NONCE], sealed[_NONCE:], _aad(event_id, name))
+        plain: bytes = _cipher(key).decrypt(sealed[:_NONCE], sealed[_NONCE:], _aad(event_id, name))
+        return plain
     except (InvalidTag, ValueError):
         raise ValueError(
             "the sealed value does not authenticate with its key (moved, altered or corrupt)"

@@ -29,7 +29,15 @@ from eventbus.events.codec import dumps
 from eventbus.events.forgotten import FORGOTTEN_STREAM, SubjectForgotten
 from eventbus.events.model import Event
 from eventbus.events.model import _registry as _classes
-from eventbus.events.personal import KEY_ID, key_ids, new_key_id, seal, subject_of, unseal_payload
+from eventbus.events.personal import (
+    KEY_ID,
+    drop_ciphers,
+    key_ids,
+    new_key_id,
+    seal,
+    subject_of,
+    unseal_payload,
+)
 from eventbus.store.sequencer import reader
 from eventbus.store.tables import events as T
 from eventbus.store.tables import insert
@@ -211,6 +219,7 @@ class KeyRing:
                 _drop_snapshots(conn, key_id)
             forgotten = SubjectForgotten(subject=subject)
             store.append(FORGOTTEN_STREAM, [forgotten], connection=conn)
+        drop_ciphers()  # this process keeps no usable copy of the deleted key
         self._scrub(sqlite)
         log.info("store.subject_forgotten", subject=subject, key_deleted=key_id is not None)
         return key_id is not None

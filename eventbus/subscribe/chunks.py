@@ -30,9 +30,11 @@ def chunks(
     *,
     size: int,
     read_ahead: bool,
+    spans: bool = False,
 ) -> Iterator[tuple[list[Item], int]]:
     """Chunks of the events ``handler`` subscribes to (of types ``names``, when given) from
-    ``first`` to ``last``, and the last position each covers."""
+    ``first`` to ``last``, and the last position each covers. ``spans``: a chunk is filled
+    from as many pages as it takes (else a chunk never holds more than one page)."""
     own = handler.type_names()
     if names is not None and own is not None:
         names = sorted(set(names) & set(own))
@@ -51,17 +53,26 @@ def chunks(
         pages = store.read_pages(
             first, until_position=last, types=names, patterns=patterns, report_undecodable=True
         )
+    held: list[Item] = []  # events of earlier pages not yet in a chunk
     for page in pages:
         items: list[Item] = [*page.events, *page.undecodable]
         if page.undecodable:
             items.sort(key=lambda e: e.position or 0)
+        if held:
+            items = held + items
+        held = []
         for start in range(0, len(items), size):
             part = items[start : start + size]
+            if spans and len(part) < size:
+                held = part  # the rest of the chunk comes from the next page (or the end)
+                break
             end = page.last if start + size >= len(items) else part[-1].position
             yield part, end or page.last
         if not items:
             yield [], page.last
         covered = page.last
+    if held:
+        yield held, covered
     if covered < last:
         yield [], last  # the tail holds no event it takes: the checkpoint passes it
 
