@@ -2,11 +2,15 @@
 
     python bench/scale.py [--events 20000] [--io-events 3000] [--io-ms 5] [--workers 1,2,4]
                           [--db URL] [--amqp URL] [--only noop,partitioned,io] [--no-supervised]
+                          [--repeat R]
 
 ``--db`` names the PostgreSQL server (default postgresql+psycopg://postgres@127.0.0.1:5432/postgres):
 a fresh database is created beside it and dropped at the end. ``--amqp`` is the RabbitMQ (default
 amqp://guest:guest@127.0.0.1:5672//). Exchanges and queues are unique to the run and deleted at
-the end, also after a failure or Ctrl-C.
+the end, also after a failure or Ctrl-C. Every eventbus run has an exchange and queue of its
+own (a queue of an earlier run still bound to the exchange would take a copy of every message).
+``--repeat R``: R hand-started and R supervised runs per row, alternating which goes first;
+the table shows medians.
 
 For each handler kind and each number K of worker processes, in one run:
 - eventbus: K ``python -m eventbus run scale:service --concurrency 1 --prefetch 100`` processes
@@ -34,6 +38,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -152,17 +157,22 @@ def consumers_of(bench: Bench, queues: list[str]) -> int:
 
 
 def run_eventbus(
-    bench: Bench, kind: str, k: int, messages: list[Message], supervised: bool = False
+    bench: Bench,
+    kind: str,
+    k: int,
+    messages: list[Message],
+    supervised: bool = False,
+    round_: int = 0,
 ) -> float:
     """K hand-started worker processes, or (``supervised``) one ``--processes K``."""
     args = bench.args
     n = len(messages)
-    name = f"bench-scale-{kind}-{k}{'-sup' if supervised else ''}-{bench.tag}"
+    name = f"bench-scale-{kind}-{k}{'-sup' if supervised else ''}-r{round_}-{bench.tag}"
     svc = scale_service(name, kind, args.io_ms)
     handler = svc.handlers["work"]
     bench.service_queues(svc)
     bench.queues += handler.partition_queues()
-    exchange = bench.exchange(f"scale-{kind}-{k}")
+    exchange = bench.exchange(f"scale-{kind}-{k}{'-sup' if supervised else ''}-r{round_}")
     bench.exchanges.append(handler.partition_exchange)
     # Declared once up front, so that the workers start side by side on existing queues.
     Worker(svc, broker_url=bench.amqp, store=bench.store, exchange=exchange).declare_queues()
@@ -271,6 +281,9 @@ def main() -> None:
     parser.add_argument("--amqp", default="amqp://guest:guest@127.0.0.1:5672//")
     parser.add_argument("--only", default="noop,partitioned,io", help="kinds to run")
     parser.add_argument(
+        "--repeat", type=int, default=1, help="eventbus and --processes runs per row (medians)"
+    )
+    parser.add_argument(
         "--no-supervised", action="store_true", help="skip the `--processes K` rows"
     )
     args = parser.parse_args()
@@ -290,10 +303,19 @@ def main() -> None:
                     base = None
                     for k in ks:
                         raw = run_raw(bench, kind, k, messages)
-                        rate = run_eventbus(bench, kind, k, messages)
-                        sup = None
-                        if not args.no_supervised:
-                            sup = run_eventbus(bench, kind, k, messages, supervised=True)
+                        rates: list[float] = []
+                        sups: list[float] = []
+                        for round_ in range(args.repeat):
+                            # Alternating which goes first, so that drift over the run (a
+                            # growing processed-records table, the machine) favours neither.
+                            order = [False, True] if round_ % 2 == 0 else [True, False]
+                            for supervised in order:
+                                if supervised and args.no_supervised:
+                                    continue
+                                got = run_eventbus(bench, kind, k, messages, supervised, round_)
+                                (sups if supervised else rates).append(got)
+                        rate = statistics.median(rates)
+                        sup = statistics.median(sups) if sups else None
                         base = base or rate
                         label = {
                             "noop": "no-op handler",
