@@ -602,7 +602,7 @@ def run_appenders(
 ) -> tuple[float, float]:
     """Start `count` appender processes, release them together; (start, end) wall-clock times."""
     spawn = mp.get_context("spawn")
-    go = spawn.Event()
+    go = spawn.Barrier(count + 1)  # passed by each appender once connected, and by this process
     procs = [spawn.Process(target=target, args=args_for(k, go)) for k in range(count)]
     bench.procs += procs
     # Started with SIGINT ignored (kept across spawn): Ctrl-C is the parent's to handle.
@@ -612,9 +612,8 @@ def run_appenders(
             p.start()
     finally:
         signal.signal(signal.SIGINT, previous)
-    time.sleep(2.0)  # let them import and connect (spawn)
+    go.wait(timeout=120)  # all imported and connected (spawn): released together
     start = time.time()
-    go.set()
     for p in procs:
         p.join()
         if p.exitcode:
@@ -736,7 +735,7 @@ def bench_end_to_end(bench: Bench) -> dict[str, float]:
     bench.wait(f"{n} events", lambda: bench.processed(queue) == 1 + n, 120 + n / 200, 0.25)
 
     paced = round(args.rate * args.paced_seconds)
-    p_start, p_end = run_appenders(
+    run_appenders(
         paced_appender,
         lambda k, go: (bench.db, k, args.paced_appenders, paced, args.rate, go),
         args.paced_appenders,
@@ -764,7 +763,10 @@ def bench_end_to_end(bench: Bench) -> dict[str, float]:
     result = {
         "rate": n / (last - start),
         "append_rate": n / (appended - start),
-        "paced_rate": paced / (p_end - p_start),
+        # The rate the appenders kept: from the first paced event made to the last (their
+        # start-up and exit are not counted).
+        "paced_rate": (paced - 1)
+        / (max(sent for sent, _ in by_phase["paced"]) - min(sent for sent, _ in by_phase["paced"])),
         "paced": paced,
         "p50": percentile(latencies, 50),
         "p95": percentile(latencies, 95),
