@@ -58,10 +58,14 @@ def redact_secrets(_logger: Any, _method: str, event_dict: MutableMapping[str, A
 
 
 def debug_enabled(name: str) -> bool:
-    """Whether a debug line of structlog's logger ``name`` may be written: False only when lines
-    go through stdlib logging (as ``configure_logging`` sets up) and its logger ``name`` is not
-    enabled for DEBUG, so that a hot path need not build a line that would be dropped."""
-    if isinstance(structlog.get_config()["logger_factory"], structlog.stdlib.LoggerFactory):
+    """Whether a debug line of structlog's logger ``name`` may be written: False only when the
+    processors drop it by the stdlib level (``filter_by_level``, as ``configure_logging`` sets
+    up) and logger ``name`` is not enabled for DEBUG; a hot path then need not build the line.
+    Any other chain (``structlog.testing.capture_logs``, say) gets every line."""
+    config = structlog.get_config()
+    if structlog.stdlib.filter_by_level in config["processors"] and isinstance(
+        config["logger_factory"], structlog.stdlib.LoggerFactory
+    ):
         return logging.getLogger(name).isEnabledFor(logging.DEBUG)
     return True
 

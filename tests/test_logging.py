@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from eventbus.logging import configure_logging, redact
+from eventbus.logging import configure_logging, debug_enabled, redact
 
 
 @pytest.fixture(autouse=True)
@@ -187,3 +187,14 @@ def test_log_options_go_before_or_after_the_command_or_in_the_environment(
     assert len(console) == 1 and "db.upgrade" in console[0] and not console[0].startswith("{")
     env = upgrade(tmp_path, "db", "upgrade", "--database-url", "URL", EVENTBUS_LOG_FORMAT="console")
     assert not env[0].startswith("{")
+
+
+def test_debug_lines_are_skipped_only_where_the_level_drops_them() -> None:
+    configure_logging("INFO", stream=io.StringIO())
+    assert not debug_enabled("eventbus.worker")  # filter_by_level would drop the line
+    with structlog.testing.capture_logs() as lines:  # what eventbus_logs uses: every line
+        assert debug_enabled("eventbus.worker")
+        structlog.get_logger("eventbus.worker").debug("event.handled")
+    assert [line["event"] for line in lines] == ["event.handled"]
+    configure_logging("DEBUG", stream=io.StringIO())
+    assert debug_enabled("eventbus.worker")
