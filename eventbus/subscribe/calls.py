@@ -25,6 +25,7 @@ from eventbus.subscribe.exactly_once import (
     connection_lost,
     describe,
     invoke,
+    log_values,
 )
 from eventbus.subscribe.subscriptions import Context, Handler, Projection
 
@@ -103,7 +104,7 @@ class ChunkCalls:
     def _bind(self, event: Event, attempt: int) -> None:
         variables = self._variables
         if self._tokens is None:
-            values = self._values(event, attempt)
+            values = log_values(self.handler, event, attempt)
             self._tokens = [var.set(value) for var, value in zip(variables, values, strict=True)]
             self._attempt = attempt
             return
@@ -115,19 +116,6 @@ class ChunkCalls:
         if attempt != self._attempt:
             variables[7].set(attempt)
             self._attempt = attempt
-
-    def _values(self, event: Event, attempt: int) -> tuple[Any, ...]:
-        """The log context's values, in the order of ``_FIELDS``."""
-        return (
-            self.handler.queue,
-            self.handler.name,
-            str(event.event_id),
-            event.type,
-            event.correlation_id,
-            event.causation_id,
-            event.position,
-            attempt,
-        )
 
     def _route(self, event: Event, key: tuple[type[Event], str]) -> Direct | None:
         """The function to call with ``event`` alone (it takes no context), or None: the
@@ -155,7 +143,7 @@ class ChunkCalls:
             replaying=self.replaying,
             dry_run=self.dry_run,
             _log_source=self.log,
-            _log_fields=(_FIELDS, self._values(event, attempt)),
+            _log_fields=(_FIELDS, log_values(self.handler, event, attempt)),
         )
 
     def _failed(

@@ -82,16 +82,7 @@ def _invoke(
     replaying: bool,
     dry_run: bool,
 ) -> BaseException | None:
-    values = (
-        handler.queue,
-        handler.name,
-        str(event.event_id),
-        event.type,
-        event.correlation_id,
-        event.causation_id,
-        event.position,
-        attempt,
-    )
+    values = log_values(handler, event, attempt)
     ctx = Context(
         handler=handler.name,
         queue=handler.queue,
@@ -123,6 +114,20 @@ def _invoke(
         ctx.log.warning("event.failed", error=redact(describe(exc)))
         return exc
     return None
+
+
+def log_values(handler: Handler, event: Event, attempt: int) -> tuple[Any, ...]:
+    """The values of the log fields ``_FIELDS`` while ``handler`` runs ``event``, in order."""
+    return (
+        handler.queue,
+        handler.name,
+        str(event.event_id),
+        event.type,
+        event.correlation_id,
+        event.causation_id,
+        event.position,
+        attempt,
+    )
 
 
 def _run_bound(values: tuple[Any, ...], handler: Handler, event: Event, ctx: Context) -> None:
